@@ -1,0 +1,223 @@
+"""`offload.load(...)` -> `Runtime`: the public API (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+
+from .checkpoint import Checkpoint, read_json, resolve_model_path
+from .config import RuntimeConfig, resolve_device
+from .errors import OffloadError
+from .experts import ResidentExperts
+from .generate import DecodeLoop, TextStream, check_prompts
+from .models.decoder import MoECausalLM
+from .sampling import SamplingParams
+from .stats import GenerationStats, RuntimeStats
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # new tokens only, prompt excluded
+    stats: GenerationStats
+    finish_reason: str = "length"  # "eos", "stop", "length" (max_new_tokens) or "context"
+
+
+@dataclass
+class _Row:
+    stream: TextStream | None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
+         cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None) -> "Runtime":
+    """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model)."""
+    options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                                  cache_policy=cache_policy, predictor=predictor, profile=profile)
+    if model is None:
+        from .demo import demo_model_path
+
+        model = demo_model_path()
+    return Runtime(resolve_model_path(model), options)
+
+
+class Runtime:
+    """Owns the model's resident weights, the expert executor, the tokenizer and the stats."""
+
+    def __init__(self, path: Path, options: RuntimeConfig):
+        self.path, self.options = path, options
+        self.checkpoint = Checkpoint(path)
+        self.config = cfg = self.checkpoint.config
+        self.device = resolve_device(options.device)
+        self.dtype = options.compute_dtype(cfg.dtype, self.device)
+        self.model = self._build_model()
+        self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype)
+        self.model.set_executor(self.experts)
+        self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
+        self.eos_ids = self._eos_ids()
+        self.pad_id = next(iter(self.eos_ids), 0)
+        self._stats = RuntimeStats()
+
+    def _build_model(self) -> MoECausalLM:
+        cfg, ckpt = self.config, self.checkpoint
+        with init_empty_weights():  # parameters on meta: nothing allocated until loaded
+            model = MoECausalLM(cfg)
+        for name, _ in model.named_parameters():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings and not ckpt.has(name):
+                source = "model.embed_tokens.weight"
+            else:
+                source = ckpt.resident_name(name)
+            value = ckpt.tensor(source)
+            expected = tuple(model.get_parameter(name).shape)
+            if tuple(value.shape) != expected:
+                raise OffloadError(
+                    f"{source} has shape {tuple(value.shape)} but config.json implies {expected}; "
+                    "the weights do not belong to this config"
+                )
+            set_module_tensor_to_device(model, name, self.device, value=value, dtype=self.dtype)
+        return model.eval()
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        gen_path = self.path / "generation_config.json"
+        if gen_path.exists():
+            eos = read_json(gen_path, "").get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if self.tokenizer is not None:
+            token = self.tokenizer.token_id(self.tokenizer.special.get("eos_token"))
+            if token is not None:
+                ids.add(token)
+        return ids
+
+    # ---- inputs ---------------------------------------------------------
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise OffloadError(f"{self.path} has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer
+
+    def _as_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._need_tokenizer().encode(prompt)
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise OffloadError("a prompt is a string or a list of token ids")
+
+    def _batch(self, prompt) -> tuple[list[list[int]], bool]:
+        """(token-id rows, whether the caller passed a batch)."""
+        batched = isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int)
+        rows = [self._as_ids(p) for p in prompt] if batched else [self._as_ids(prompt)]
+        return rows, bool(batched)
+
+    # ---- public API -----------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """input_ids [B, T] (tensor or nested list) -> float32 logits [B, T, V] on the CPU."""
+        from .kv_cache import KVCache
+
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise OffloadError(f"input_ids must be [batch, tokens]; got shape {tuple(ids.shape)}")
+        cfg = self.config
+        check_prompts(ids.tolist(), cfg.vocab_size, cfg.max_position_embeddings + 1)
+        b, t = ids.shape
+        cache = KVCache(cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t, self.device, self.dtype)
+        positions = torch.arange(t, device=self.device).expand(b, t)
+        valid = torch.ones((b, t), dtype=torch.bool, device=self.device)
+        return self.model(ids.to(self.device), positions, valid, cache).cpu()
+
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop=None):
+        """Generate after `prompt` (string, token ids, or a list of either for a batch).
+
+        Returns a GenerationResult (a list of them for a batch)."""
+        rows, batched = self._batch(prompt)
+        results = self._run(rows, SamplingParams.build(max_new_tokens, temperature, top_k, top_p, seed, stop))
+        return results if batched else results[0]
+
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop=None) -> Iterator[str]:
+        """Text pieces of one prompt's continuation as they are generated."""
+        rows, batched = self._batch(prompt)
+        if batched:
+            raise OffloadError("stream() takes one prompt; use generate() for a batch")
+        params = SamplingParams.build(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        yield from self._stream_row(rows[0], params)
+
+    def chat(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, stop=None, stream: bool = False):
+        """Reply to a conversation [{'role': 'user', 'content': ...}, ...] using the model's chat template."""
+        ids = self._need_tokenizer().encode_chat(messages)
+        params = SamplingParams.build(max_new_tokens, temperature, top_k, top_p, seed, stop)
+        return self._stream_row(ids, params) if stream else self._run([ids], params)[0]
+
+    @property
+    def stats(self) -> RuntimeStats:
+        return self._stats
+
+    def close(self) -> None:
+        self.checkpoint.close()
+        self.model.set_executor(None)
+        self.experts = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- generation -----------------------------------------------------
+
+    def _loop(self, rows, params) -> DecodeLoop:
+        if self.experts is None:
+            raise OffloadError("this runtime is closed; call offload.load() again")
+        return DecodeLoop(self.model, rows, params, self.eos_ids, self.device, self.dtype, self.pad_id)
+
+    def _run(self, rows: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+        loop = self._loop(rows, params)
+        out = [_Row(TextStream(self.tokenizer, params.stop) if self.tokenizer else None) for _ in rows]
+        for step in loop:
+            for r, token in enumerate(step):
+                if token is None:
+                    continue
+                out[r].token_ids.append(token)
+                if out[r].stream is not None:
+                    out[r].stream.push(token)
+                    if out[r].stream.stopped:
+                        loop.finish(r, "stop")
+        self._stats.record(loop.stats)
+        return [
+            GenerationResult(row.stream.text if row.stream else "", row.token_ids, loop.stats, loop.finish_reason[r])
+            for r, row in enumerate(out)
+        ]
+
+    def _stream_row(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        stream = TextStream(self._need_tokenizer(), params.stop)
+        loop = self._loop([ids], params)
+        try:
+            for (token,) in loop:
+                if token is None:
+                    break
+                piece = stream.push(token)
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    loop.finish(0, "stop")
+                    break
+            tail = stream.flush()
+            if tail:
+                yield tail
+        finally:  # also when the consumer stops early (Ctrl-C in chat)
+            self._stats.record(loop.stats)

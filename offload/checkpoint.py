@@ -1,0 +1,149 @@
+"""A Hugging Face model directory (or hub id) as lazy tensors.
+
+Nothing is read until asked for: `tensor(name)` reads one tensor from its
+shard with `safetensors.safe_open`, and `expert(layer, e)` reads one routed
+expert's three matrices, from per-expert names or from transformers' fused
+`experts.gate_up_proj` / `experts.down_proj` (reading only row `e`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .errors import OffloadError
+from .models import family_for
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise treat `model` as a hub id and download it."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise OffloadError(f"{path} is a file; pass the model's directory (the one holding config.json)")
+    name = str(model)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise OffloadError(f"model directory {path} does not exist (and {name!r} is not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        raise OffloadError(
+            f"could not download {name!r} from the hub ({type(exc).__name__}: {exc}); "
+            "check the id and the network, or pass a local directory"
+        ) from None
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise OffloadError(f"{path} is missing: {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OffloadError(f"{path} is not valid JSON ({exc}); re-download or re-save the model") from None
+    if not isinstance(data, dict):
+        raise OffloadError(f"{path} should hold a JSON object")
+    return data
+
+
+class Checkpoint:
+    """Lazy, name-addressed access to a model directory's safetensors shards."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.raw_config = read_json(self.path / "config.json", "a model directory needs its config.json")
+        self.family = family_for(self.raw_config)
+        self.config = ModelConfig.from_dict(self.raw_config, self.family)
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
+        self._files = ExitStack()
+        self._handles: dict[str, object] = {}
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = read_json(index, "the index names the shards").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise OffloadError(f"{index} has no 'weight_map' object; re-download the model")
+        else:
+            shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not shards:
+                found = [p.name for p in self.path.glob("*.bin")]
+                hint = " (found PyTorch .bin files: convert them to safetensors)" if found else ""
+                raise OffloadError(f"no *.safetensors weights in {self.path}{hint}")
+            weight_map = {}
+            for shard in shards:
+                with safe_open(self.path / shard, "pt") as f:
+                    weight_map.update(dict.fromkeys(f.keys(), shard))
+        missing = sorted({s for s in weight_map.values() if not (self.path / s).exists()})
+        if missing:
+            raise OffloadError(
+                f"{self.path} lacks shard(s) {', '.join(missing)} named in model.safetensors.index.json; "
+                "download the missing files again"
+            )
+        return weight_map
+
+    def _handle(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = self._files.enter_context(safe_open(self.path / shard, "pt", device="cpu"))
+            except Exception as exc:
+                raise OffloadError(f"cannot read {self.path / shard} ({exc}); the file is damaged or truncated") from None
+        return self._handles[shard]
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def find(self, *names: str) -> str | None:
+        """The first of `names` that the checkpoint holds."""
+        return next((n for n in names if n in self.weight_map), None)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise OffloadError(f"{self.path} has no tensor {name!r}; the checkpoint does not match its config.json")
+        return self._handle(self.weight_map[name]).get_tensor(name)
+
+    def _moe_prefixes(self, layer: int) -> list[str]:
+        return [f"model.layers.{layer}.{p}" for p in (self.family.moe_prefix, *self.family.moe_aliases)]
+
+    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of one routed expert."""
+        gate_n, up_n, down_n = self.family.expert_names
+        for prefix in self._moe_prefixes(layer):
+            base = f"{prefix}.experts.{expert}."
+            names = [self.find(base + n + ".weight", base + n) for n in (gate_n, up_n, down_n)]
+            if all(names):
+                return tuple(self.tensor(n) for n in names)  # type: ignore[return-value]
+            fused, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+            if self.has(fused) and self.has(down):
+                gate_up = self._row(fused, expert)  # [2I, H], gate rows first
+                half = gate_up.shape[0] // 2
+                return gate_up[:half], gate_up[half:], self._row(down, expert)
+        raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
+
+    def _row(self, name: str, row: int) -> torch.Tensor:
+        return self._handle(self.weight_map[name]).get_slice(name)[row]
+
+    def resident_name(self, name: str) -> str:
+        """Checkpoint name of a resident (non-expert) weight, allowing the family's aliases."""
+        candidates = [name]
+        for alias in self.family.moe_aliases:
+            candidates.append(name.replace(f".{self.family.moe_prefix}.", f".{alias}.", 1))
+        found = self.find(*candidates)
+        if found is None:
+            raise OffloadError(f"{self.path} has no tensor {name!r}; the checkpoint does not match its config.json")
+        return found
+
+    def close(self):
+        self._files.close()
+        self._handles.clear()

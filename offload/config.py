@@ -1,0 +1,207 @@
+"""Frozen configuration: the model's shape (from config.json) and the runtime's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OffloadError
+from .models.family import Family
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+ROPE_TYPES = ("default", "linear")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+
+
+def _dtype_name(value) -> str:
+    name = str(value or "float32").replace("torch.", "")
+    if name not in DTYPES:
+        raise OffloadError(f"unsupported dtype {value!r}; use one of: float32, bfloat16, float16")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a MoE decoder, read from a Hugging Face config.json."""
+
+    family: Family
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int  # routed expert width I
+    intermediate_size: int  # dense MLP width (layers that are not sparse)
+    norm_topk_prob: bool
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling_factor: float = 1.0  # "linear" RoPE scaling; 1.0 = default RoPE
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None
+    shared_expert_intermediate_size: int = 0
+    hidden_act: str = "silu"
+    dtype: str = "float32"  # the checkpoint's dtype
+    sparse_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP
+    sliding_windows: tuple[int | None, ...] = ()  # per layer: attention window or None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_heads <= 0:
+            raise OffloadError("config.json has non-positive hidden_size, num_hidden_layers or num_attention_heads")
+        if self.num_heads % self.num_kv_heads:
+            raise OffloadError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
+            )
+        if not 0 < self.top_k <= self.num_experts:
+            raise OffloadError(f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise OffloadError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
+            raise OffloadError("per-layer settings do not match num_hidden_layers")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_dict(cls, raw: dict, family: Family) -> "ModelConfig":
+        """Common keys here, family-specific ones in `family.parse`."""
+        try:
+            hidden = int(raw["hidden_size"])
+            heads = int(raw["num_attention_heads"])
+            layers = int(raw["num_hidden_layers"])
+            rope_theta, rope_factor = _rope(raw)
+            eos = raw.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            common = dict(
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                num_layers=layers,
+                num_heads=heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                top_k=int(raw["num_experts_per_tok"]),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+                rope_theta=rope_theta,
+                rope_scaling_factor=rope_factor,
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                hidden_act=str(raw.get("hidden_act", "silu")),
+                dtype=_dtype_name(raw.get("dtype") or raw.get("torch_dtype")),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+            common.update(family.parse(raw))
+        except KeyError as exc:
+            raise OffloadError(f"config.json lacks the key {exc.args[0]!r} that {family.architecture} needs") from None
+        except (TypeError, ValueError) as exc:
+            raise OffloadError(f"config.json has a value of the wrong type: {exc}") from None
+        return cls(family=family, **common)
+
+
+def _rope(raw: dict) -> tuple[float, float]:
+    """(theta, linear factor) from transformers 5's `rope_parameters` or older `rope_theta`/`rope_scaling`."""
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise OffloadError(f"RoPE type {kind!r} is not supported yet; supported: {', '.join(ROPE_TYPES)}")
+    factor = float(params.get("factor", scaling.get("factor", 1.0))) if kind == "linear" else 1.0
+    return theta, factor
+
+
+def parse_memory(value, what: str) -> int | None:
+    """'6GiB', '500MB', 1234 -> bytes (via accelerate); None stays None (= measure)."""
+    if value is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(value)
+    except (ValueError, TypeError, AttributeError):
+        raise OffloadError(f"{what}={value!r} is not a memory size; write it like '6GiB', '512MB' or a number of bytes") from None
+    if size <= 0:
+        raise OffloadError(f"{what}={value!r} must be positive")
+    return size
+
+
+CACHE_POLICIES = ("lru", "lfu", "score")
+PREDICTORS = ("none", "gate", "learned", "affinity")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Options of `offload.load`, validated once. Budgets and policies are
+    accepted and checked here; the offloaded engine consumes them."""
+
+    device: str = "auto"
+    dtype: str | None = None  # None: the checkpoint's dtype (fp16 becomes fp32 on the CPU)
+    gpu_memory: int | None = None
+    cpu_memory: int | None = None
+    cache_policy: str = "lru"
+    predictor: str = "gate"
+    profile: str | None = None
+
+    def __post_init__(self):
+        if self.cache_policy not in CACHE_POLICIES:
+            raise OffloadError(f"cache_policy={self.cache_policy!r} is unknown; choose one of: {', '.join(CACHE_POLICIES)}")
+        if self.predictor not in PREDICTORS:
+            raise OffloadError(f"predictor={self.predictor!r} is unknown; choose one of: {', '.join(PREDICTORS)}")
+        if self.dtype is not None:
+            _dtype_name(self.dtype)
+        resolve_device(self.device)  # raises on a bad name
+
+    @classmethod
+    def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
+              predictor="gate", profile=None) -> "RuntimeConfig":
+        return cls(
+            device=str(device),
+            dtype=None if dtype is None else str(dtype).replace("torch.", ""),
+            gpu_memory=parse_memory(gpu_memory, "gpu_memory"),
+            cpu_memory=parse_memory(cpu_memory, "cpu_memory"),
+            cache_policy=str(cache_policy).lower(),
+            predictor=str(predictor).lower(),
+            profile=profile,
+        )
+
+    def compute_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+        if self.dtype is not None:
+            return DTYPES[_dtype_name(self.dtype)]
+        if device.type == "cpu" and checkpoint_dtype in ("float16", "fp16", "half"):
+            return torch.float32  # fp16 matmuls are slow or missing on CPUs; fp32 holds fp16 exactly
+        return DTYPES[checkpoint_dtype]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda:1' checked against what exists."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise OffloadError(f"device={name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OffloadError(f"device={name!r} but this torch build sees no CUDA GPU; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OffloadError(f"device={name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise OffloadError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
+    return device

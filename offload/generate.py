@@ -1,0 +1,131 @@
+"""Prefill, then decode one token at a time, with a preallocated KV cache.
+
+`DecodeLoop` yields, per step, the new token of every row of a batch (left
+padded); `TextStream` turns one row's tokens into printable text, holding
+back anything that could still become a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+
+from .errors import OffloadError
+from .kv_cache import KVCache
+from .models.decoder import MoECausalLM
+from .sampling import Sampler, SamplingParams
+from .stats import GenerationStats
+from .tokenizer import Tokenizer
+
+
+def check_prompts(prompts: list[list[int]], vocab_size: int, context: int) -> None:
+    for row, ids in enumerate(prompts):
+        if not ids:
+            raise OffloadError("the prompt is empty; give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise OffloadError(f"prompt {row} has token ids outside the vocabulary (0..{vocab_size - 1})")
+        if len(ids) >= context:
+            raise OffloadError(
+                f"the prompt is {len(ids)} tokens but the model's context is {context}; "
+                "shorten it (in chat, /reset starts a new conversation)"
+            )
+
+
+class DecodeLoop:
+    """Iterate to get, per step, one token id (or None once a row has finished) per prompt."""
+
+    def __init__(self, model: MoECausalLM, prompts: list[list[int]], params: SamplingParams,
+                 eos_ids: set[int], device: torch.device, dtype: torch.dtype, pad_id: int = 0):
+        cfg = model.cfg
+        check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
+        self.model, self.prompts, self.params = model, prompts, params
+        self.eos_ids, self.device, self.dtype, self.pad_id = eos_ids, device, dtype, pad_id
+        longest = max(len(p) for p in prompts)
+        # Generation stops at the end of the context window, whatever max_new_tokens says.
+        self.max_new = min(params.max_new_tokens, cfg.max_position_embeddings - longest)
+        self.done = [False] * len(prompts)
+        self.finish_reason = ["length"] * len(prompts)
+        self.stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts))
+
+    def finish(self, row: int, reason: str) -> None:
+        if not self.done[row]:
+            self.done[row], self.finish_reason[row] = True, reason
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[int | None]]:
+        cfg, b = self.model.cfg, len(self.prompts)
+        t = max(len(p) for p in self.prompts)
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        valid = torch.zeros((b, t), dtype=torch.bool)
+        for row, prompt in enumerate(self.prompts):  # left padding: every row ends at the same slot
+            ids[row, t - len(prompt):] = torch.tensor(prompt)
+            valid[row, t - len(prompt):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
+        cache = KVCache(cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t + self.max_new, self.device, self.dtype)
+        sampler = Sampler(self.params, self.device)
+        next_pos = positions[:, -1:] + 1  # [B, 1]
+        ones = torch.ones((b, 1), dtype=torch.bool, device=self.device)
+
+        start = time.perf_counter()
+        logits = self.model(ids, positions, valid, cache, last_only=True)[:, -1]  # [B, V]
+        for step in range(self.max_new):
+            tokens = sampler(logits)  # [B]
+            values = tokens.tolist()  # the host needs them anyway; this is the step's one sync
+            now = time.perf_counter()
+            if step == 0:
+                self.stats.prefill_seconds = self.stats.time_to_first_token = now - start
+                decode_start = now
+            out: list[int | None] = []
+            for row, token in enumerate(values):
+                if self.done[row] or token in self.eos_ids:
+                    self.finish(row, "eos")
+                    out.append(None)
+                else:
+                    out.append(token)
+                    self.stats.new_tokens += 1
+                    self.stats.decode_tokens += step > 0
+            self.stats.decode_seconds = now - decode_start
+            yield out
+            if all(self.done) or step == self.max_new - 1:
+                break
+            logits = self.model(tokens[:, None], next_pos, ones, cache, last_only=True)[:, -1]
+            next_pos = next_pos + 1
+        if self.max_new < self.params.max_new_tokens:
+            for row in range(b):
+                self.finish(row, "context")
+
+
+class TextStream:
+    """One row's tokens -> text pieces; stops at (and drops) the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.decoder = tokenizer.decode_stream()
+        self.stops = stops
+        self.text = ""
+        self.emitted = 0  # characters of `text` already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.text += self.decoder.step(token_id)
+        hits = [at for stop in self.stops if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        safe = len(self.text)
+        for stop in self.stops:
+            # Hold back a tail that may be the start of this stop string.
+            for k in range(min(len(stop) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(stop[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        piece = self.text[self.emitted:max(safe, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+    def flush(self) -> str:
+        piece = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return piece

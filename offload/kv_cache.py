@@ -1,0 +1,34 @@
+"""Preallocated key/value cache: one [B, Hkv, S, D] pair per layer, filled in place."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # Which slots hold real tokens: left padding of a batch stays False forever.
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S]
+        self.length = 0  # slots filled so far (same for every row)
+        self.max_len = max_len
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, Hkv, T, D] at the current end; return all keys/values so far [B, Hkv, L+T, D]."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reserve(self, valid: torch.Tensor) -> None:
+        """Mark the next T slots, valid [B, T], before the layers write them."""
+        t = valid.shape[1]
+        if self.length + t > self.max_len:
+            raise ValueError("KV cache overflow")  # callers check the context length first
+        self.valid[:, self.length:self.length + t] = valid
+
+    def advance(self, t: int) -> None:
+        self.length += t
