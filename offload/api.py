@@ -197,6 +197,9 @@ class Runtime:
                     out[r].stream.push(token)
                     if out[r].stream.stopped:
                         loop.finish(r, "stop")
+        for row in out:
+            if row.stream is not None:
+                row.stream.close()
         self._stats.record(loop.stats)
         return [
             GenerationResult(row.stream.text if row.stream else "", row.token_ids, loop.stats, loop.finish_reason[r])
@@ -216,7 +219,7 @@ class Runtime:
                 if stream.stopped:
                     loop.finish(0, "stop")
                     break
-            tail = stream.flush()
+            tail = stream.close()
             if tail:
                 yield tail
         finally:  # also when the consumer stops early (Ctrl-C in chat)

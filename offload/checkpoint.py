@@ -65,9 +65,9 @@ class Checkpoint:
         self.raw_config = read_json(self.path / "config.json", "a model directory needs its config.json")
         self.family = family_for(self.raw_config)
         self.config = ModelConfig.from_dict(self.raw_config, self.family)
-        self.weight_map = self._weight_map()  # tensor name -> shard file name
         self._files = ExitStack()
         self._handles: dict[str, object] = {}
+        self.weight_map = self._weight_map()  # tensor name -> shard file name
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -83,8 +83,7 @@ class Checkpoint:
                 raise OffloadError(f"no *.safetensors weights in {self.path}{hint}")
             weight_map = {}
             for shard in shards:
-                with safe_open(self.path / shard, "pt") as f:
-                    weight_map.update(dict.fromkeys(f.keys(), shard))
+                weight_map.update(dict.fromkeys(self._handle(shard).keys(), shard))
         missing = sorted({s for s in weight_map.values() if not (self.path / s).exists()})
         if missing:
             raise OffloadError(

@@ -102,13 +102,16 @@ class TextStream:
     """One row's tokens -> text pieces; stops at (and drops) the first stop string."""
 
     def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
         self.decoder = tokenizer.decode_stream()
         self.stops = stops
+        self.token_ids: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
         self.text += self.decoder.step(token_id)
         hits = [at for stop in self.stops if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) >= 0]
         if hits:
@@ -124,6 +127,15 @@ class TextStream:
         piece = self.text[self.emitted:max(safe, self.emitted)]
         self.emitted += len(piece)
         return piece
+
+    def close(self) -> str:
+        """The rest of the text once generation ends, including bytes that never
+        completed a character (shown as U+FFFD, as a full decode shows them)."""
+        if not self.stopped:
+            full = self.tokenizer.decode(self.token_ids)
+            if full.startswith(self.text):
+                self.text = full
+        return self.flush()
 
     def flush(self) -> str:
         piece = self.text[self.emitted:]

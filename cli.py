@@ -1,0 +1,137 @@
+"""The `offload` command: a thin click layer over the public API."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import offload
+from offload.errors import OffloadError
+
+
+def _runtime_options(fn):
+    """Flags shared by every command that loads a model; they mirror offload.load()."""
+    options = [
+        click.argument("model", required=False),
+        click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default=None, help="Compute dtype (float32, bfloat16, float16); default: the checkpoint's."),
+        click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 6GiB; default: measured free memory."),
+        click.option("--cpu-memory", default=None, help="Host RAM budget for expert weights, e.g. 16GiB."),
+        click.option("--cache-policy", default="lru", show_default=True, help="Expert cache policy: lru, lfu or score."),
+        click.option("--predictor", default="gate", show_default=True, help="Expert prefetch predictor: none, gate, learned, affinity."),
+        click.option("--profile", default=None, help="Hardware profile name or TOML path."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _sampling_options(fn):
+    options = [
+        click.option("--max-new-tokens", "-n", default=256, show_default=True, help="Most tokens to generate per reply."),
+        click.option("--temperature", "-t", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 turns it off."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass; 1.0 turns it off."),
+        click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile):
+    if model is None:
+        click.echo("No MODEL given: using the demo model shipped with moe-offload.", err=True)
+    return offload.load(model, device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                        cache_policy=cache_policy, predictor=predictor, profile=profile)
+
+
+class _Group(click.Group):
+    """Turns OffloadError into one readable line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OffloadError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(offload.__version__, prog_name="offload")
+def main():
+    """Run Mixture-of-Experts language models on small hardware."""
+
+
+@main.command()
+@_runtime_options
+@_sampling_options
+@click.option("--prompt", "-p", required=True, help="The text to continue.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print the run's statistics as JSON afterwards.")
+def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile,
+             max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats):
+    """Continue PROMPT with MODEL (a Hugging Face directory or hub id; default: the demo model)."""
+    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile) as llm:
+        for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop=list(stop)):
+            click.echo(piece, nl=False)
+        click.echo()
+        click.echo(llm.stats.last.summary(), err=True)
+        if show_stats:
+            click.echo(llm.stats.to_json())
+
+
+@main.command()
+@_runtime_options
+@_sampling_options
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@click.option("--stats", "show_stats", is_flag=True, help="After each reply, print the full statistics as JSON.")
+def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile,
+         max_new_tokens, temperature, top_k, top_p, seed, stop, system, show_stats):
+    """Talk with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits,
+    Ctrl-C stops the current reply."""
+    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile) as llm:
+        start = [{"role": "system", "content": system}] if system else []
+        messages = list(start)
+        click.echo("Type a message. /reset starts over, /exit quits, Ctrl-C stops a reply.", err=True)
+        while True:
+            try:
+                line = click.prompt(click.style("you", fg="green", bold=True), prompt_suffix="> ")
+            except (EOFError, KeyboardInterrupt, click.exceptions.Abort):
+                click.echo()
+                return
+            text = line.strip()
+            if text in ("/exit", "/quit"):
+                return
+            if text == "/reset":
+                messages = list(start)
+                click.echo("(conversation cleared)", err=True)
+                continue
+            if not text:
+                continue
+            messages.append({"role": "user", "content": text})
+            reply = []
+            click.echo(click.style("model> ", fg="cyan", bold=True), nl=False)
+            try:
+                for piece in llm.chat(messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_k=top_k, top_p=top_p, seed=seed, stop=list(stop), stream=True):
+                    reply.append(piece)
+                    click.echo(piece, nl=False)
+            except KeyboardInterrupt:
+                click.echo(" [stopped]", nl=False)
+            except OffloadError as exc:  # e.g. the conversation outgrew the context: keep the session
+                messages.pop()
+                click.echo(f"\nerror: {exc}", err=True)
+                continue
+            click.echo()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            if llm.stats.last is not None:
+                click.echo(click.style(f"[{llm.stats.last.summary()}]", dim=True), err=True)
+            if show_stats:
+                click.echo(llm.stats.to_json(), err=True)
+
+
+if __name__ == "__main__":
+    main()
