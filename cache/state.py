@@ -1,0 +1,93 @@
+"""Which expert sits in which slot of one tier, in pure Python (no torch).
+
+`ExpertCache` owns membership and slot numbers; its `Policy` only picks
+victims. Slots are split per layer (each sparse layer owns an equal share)
+or shared globally by all layers. Keys that the current step still needs
+are passed as `busy` and are never evicted.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal, Sequence
+
+from .policy import ExpertId, Policy
+
+Split = Literal["layer", "global"]
+
+
+class ExpertCache:
+    def __init__(self, num_slots: int, policy: Policy, layers: Sequence[int], split: Split = "layer"):
+        if split not in ("layer", "global"):
+            raise ValueError("split must be 'layer' or 'global'")
+        self.policy, self.split = policy, split
+        self.num_slots = num_slots
+        self.slot_of: dict[ExpertId, int] = {}
+        if split == "layer":
+            share = num_slots // len(layers)
+            self.free = {layer: list(range(i * share, (i + 1) * share))[::-1] for i, layer in enumerate(layers)}
+            self.capacity = {layer: share for layer in layers}
+        else:
+            self.free = {None: list(range(num_slots))[::-1]}
+            self.capacity = {None: num_slots}
+        self.members: dict[object, set[ExpertId]] = {group: set() for group in self.free}
+
+    def _group(self, key: ExpertId):
+        return key[0] if self.split == "layer" else None
+
+    def capacity_for(self, layer: int) -> int:
+        return self.capacity[layer if self.split == "layer" else None]
+
+    def lookup(self, key: ExpertId) -> int | None:
+        return self.slot_of.get(key)
+
+    def __contains__(self, key: ExpertId) -> bool:
+        return key in self.slot_of
+
+    def can_admit(self, key: ExpertId, busy: Iterable[ExpertId]) -> bool:
+        group = self._group(key)
+        return bool(self.free[group]) or bool(self.members[group] - set(busy))
+
+    def admit(self, key: ExpertId, busy: Iterable[ExpertId] = ()) -> tuple[int, ExpertId | None]:
+        """Give `key` a slot, evicting the policy's victim among non-busy members if full.
+
+        Returns (slot, evicted key or None)."""
+        if key in self.slot_of:
+            raise ValueError(f"{key} is already cached")
+        group = self._group(key)
+        evicted = None
+        if not self.free[group]:
+            candidates = self.members[group] - set(busy)
+            if not candidates:
+                raise RuntimeError(f"no slot can be freed for {key}: every cached expert is in use")
+            evicted = self.policy.victim(candidates)
+            self.evict(evicted)
+        slot = self.free[group].pop()
+        self.slot_of[key] = slot
+        self.members[group].add(key)
+        self.policy.insert(key)
+        return slot, evicted
+
+    def evict(self, key: ExpertId) -> None:
+        slot = self.slot_of.pop(key)
+        group = self._group(key)
+        self.members[group].discard(key)
+        self.free[group].append(slot)
+        self.policy.remove(key)
+
+
+def replay(steps: Iterable[tuple[int, Sequence[int], Sequence[float] | None]], cache: ExpertCache) -> tuple[int, int]:
+    """Run a routing trace through `cache`: each step is (layer, experts needed,
+    router probabilities or None). Returns (hits, misses)."""
+    hits = misses = 0
+    for layer, experts, probs in steps:
+        if probs is not None:
+            cache.policy.observe(layer, probs)
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            cache.policy.access(key)
+            if key in cache:
+                hits += 1
+            else:
+                misses += 1
+                cache.admit(key, busy=keys)
+    return hits, misses
