@@ -19,6 +19,8 @@ def _runtime_options(fn):
         click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 6GiB; default: measured free memory."),
         click.option("--cpu-memory", default=None, help="Host RAM budget for expert weights, e.g. 16GiB."),
         click.option("--cache-policy", default="lru", show_default=True, help="Expert cache policy: lru, lfu or score."),
+        click.option("--cache-split", default="layer", show_default=True,
+                     help="Split expert slots evenly per layer, or share one global pool."),
         click.option("--predictor", default="gate", show_default=True, help="Expert prefetch predictor: none, gate, learned, affinity."),
         click.option("--profile", default=None, help="Hardware profile name or TOML path."),
     ]
@@ -41,11 +43,13 @@ def _sampling_options(fn):
     return fn
 
 
-def _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile):
+def _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile):
     if model is None:
         click.echo("No MODEL given: using the demo model shipped with moe-offload.", err=True)
-    return offload.load(model, device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                        cache_policy=cache_policy, predictor=predictor, profile=profile)
+    llm = offload.load(model, device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
+                       cache_policy=cache_policy, cache_split=cache_split, predictor=predictor, profile=profile)
+    click.echo(f"[{llm.placement.describe()}]", err=True)
+    return llm
 
 
 class _Group(click.Group):
@@ -70,10 +74,10 @@ def main():
 @_sampling_options
 @click.option("--prompt", "-p", required=True, help="The text to continue.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print the run's statistics as JSON afterwards.")
-def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile,
+def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile,
              max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats):
     """Continue PROMPT with MODEL (a Hugging Face directory or hub id; default: the demo model)."""
-    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile) as llm:
+    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile) as llm:
         for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop=list(stop)):
             click.echo(piece, nl=False)
@@ -88,11 +92,11 @@ def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predict
 @_sampling_options
 @click.option("--system", default=None, help="A system message to start the conversation with.")
 @click.option("--stats", "show_stats", is_flag=True, help="After each reply, print the full statistics as JSON.")
-def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile,
+def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile,
          max_new_tokens, temperature, top_k, top_p, seed, stop, system, show_stats):
     """Talk with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits,
     Ctrl-C stops the current reply."""
-    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, predictor, profile) as llm:
+    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile) as llm:
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
         click.echo("Type a message. /reset starts over, /exit quits, Ctrl-C stops a reply.", err=True)

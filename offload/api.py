@@ -14,11 +14,13 @@ from accelerate.utils import set_module_tensor_to_device
 from .checkpoint import Checkpoint, read_json, resolve_model_path
 from .config import RuntimeConfig, resolve_device
 from .errors import OffloadError
+from .engine import OffloadedExperts
 from .experts import ResidentExperts
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
+from .placement import plan
 from .sampling import SamplingParams
-from .stats import GenerationStats, RuntimeStats
+from .stats import ExpertStats, GenerationStats, RuntimeStats
 from .tokenizer import Tokenizer
 
 
@@ -37,10 +39,16 @@ class _Row:
 
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
-         cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None) -> "Runtime":
-    """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model)."""
+         cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None,
+         cache_split: str = "layer") -> "Runtime":
+    """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model).
+
+    With both budgets None and room for everything, all experts stay resident;
+    otherwise experts are offloaded: cached on the compute device (or in RAM on
+    a CPU) in front of host RAM and disk, within `gpu_memory` / `cpu_memory`."""
     options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                                  cache_policy=cache_policy, predictor=predictor, profile=profile)
+                                  cache_policy=cache_policy, cache_split=cache_split, predictor=predictor,
+                                  profile=profile)
     if model is None:
         from .demo import demo_model_path
 
@@ -58,12 +66,20 @@ class Runtime:
         self.device = resolve_device(options.device)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)
         self.model = self._build_model()
-        self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype)
+        resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.placement = plan(cfg, options, self.device, self.dtype, resident)
+        layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
+        self._stats = RuntimeStats(ExpertStats(layers))
+        if self.placement.mode == "resident":
+            self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype, self._stats.experts)
+        else:
+            self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.dtype,
+                                            options.cache_policy, options.cache_split, self._stats.experts)
+        self.checkpoint.close()  # resident weights are copied; experts are read by pread from here on
         self.model.set_executor(self.experts)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
         self.eos_ids = self._eos_ids()
         self.pad_id = next(iter(self.eos_ids), 0)
-        self._stats = RuntimeStats()
 
     def _build_model(self) -> MoECausalLM:
         cfg, ckpt = self.config, self.checkpoint
@@ -168,7 +184,8 @@ class Runtime:
         return self._stats
 
     def close(self) -> None:
-        self.checkpoint.close()
+        if isinstance(self.experts, OffloadedExperts):
+            self.experts.close()
         self.model.set_executor(None)
         self.experts = None
 

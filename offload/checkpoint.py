@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class Checkpoint:
         self.config = ModelConfig.from_dict(self.raw_config, self.family)
         self._files = ExitStack()
         self._handles: dict[str, object] = {}
+        self._extents: dict[str, dict] = {}  # shard -> tensor name -> Extent, parsed on demand
         self.weight_map = self._weight_map()  # tensor name -> shard file name
 
     def _weight_map(self) -> dict[str, str]:
@@ -129,6 +131,34 @@ class Checkpoint:
                 half = gate_up.shape[0] // 2
                 return gate_up[:half], gate_up[half:], self._row(down, expert)
         raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
+
+    def expert_extents(self, layer: int, expert: int):
+        """Where one expert's (gate, up, down) bytes lie on disk, for direct reads."""
+        gate_n, up_n, down_n = self.family.expert_names
+        for prefix in self._moe_prefixes(layer):
+            base = f"{prefix}.experts.{expert}."
+            names = [self.find(base + n + ".weight", base + n) for n in (gate_n, up_n, down_n)]
+            if all(names):
+                return tuple(self._extent(n) for n in names)
+            fused, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
+            if self.has(fused) and self.has(down):
+                gate, up = self._extent(fused).row(expert).split_rows()
+                return gate, up, self._extent(down).row(expert)
+        raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
+
+    def _extent(self, name: str):
+        from .cache.store import safetensors_extents
+
+        shard = self.weight_map[name]
+        if shard not in self._extents:
+            try:
+                self._extents[shard] = safetensors_extents(self.path / shard)
+            except (OSError, ValueError, KeyError, struct.error) as exc:
+                raise OffloadError(f"cannot read the header of {self.path / shard} ({exc})") from None
+        return self._extents[shard][name]
+
+    def shard_files(self) -> list[Path]:
+        return sorted({self.path / s for s in self.weight_map.values()})
 
     def _row(self, name: str, row: int) -> torch.Tensor:
         return self._handle(self.weight_map[name]).get_slice(name)[row]

@@ -156,10 +156,13 @@ class RuntimeConfig:
     gpu_memory: int | None = None
     cpu_memory: int | None = None
     cache_policy: str = "lru"
+    cache_split: str = "layer"  # expert slots split evenly per layer, or one "global" pool
     predictor: str = "gate"
     profile: str | None = None
 
     def __post_init__(self):
+        if self.cache_split not in ("layer", "global"):
+            raise OffloadError(f"cache_split={self.cache_split!r} is unknown; choose 'layer' or 'global'")
         if self.cache_policy not in CACHE_POLICIES:
             raise OffloadError(f"cache_policy={self.cache_policy!r} is unknown; choose one of: {', '.join(CACHE_POLICIES)}")
         if self.predictor not in PREDICTORS:
@@ -170,13 +173,14 @@ class RuntimeConfig:
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
-              predictor="gate", profile=None) -> "RuntimeConfig":
+              cache_split="layer", predictor="gate", profile=None) -> "RuntimeConfig":
         return cls(
             device=str(device),
             dtype=None if dtype is None else str(dtype).replace("torch.", ""),
             gpu_memory=parse_memory(gpu_memory, "gpu_memory"),
             cpu_memory=parse_memory(cpu_memory, "cpu_memory"),
             cache_policy=str(cache_policy).lower(),
+            cache_split=str(cache_split).lower(),
             predictor=str(predictor).lower(),
             profile=profile,
         )

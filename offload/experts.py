@@ -1,10 +1,11 @@
 """Routed expert execution, behind one replaceable interface.
 
 The MoE block routes tokens and hands the expert work to an `ExpertExecutor`:
-`executor(layer, hidden [N, H], ids [N, K], weights [N, K]) -> [N, H]`.
+`executor(layer, hidden [N, H], ids [N, K], weights [N, K], probs) -> [N, H]`.
 `ResidentExperts` keeps every expert on the compute device; the offloaded
-engine implements the same call with caches and a tiered store. Both run
-the same `combine`, so their arithmetic (and output) is identical.
+engine (offload/engine.py) implements the same call with caches and a tiered
+store. Both use `contribution` and `accumulate`, so their arithmetic (and
+output) is identical.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from .stats import ExpertStats
 
 ACT = {
     "silu": F.silu,
@@ -26,7 +29,9 @@ ExpertWeights = tuple[torch.Tensor, torch.Tensor]
 
 
 class ExpertExecutor(Protocol):
-    def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 probs: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [N, H], ids and weights [N, K], router probs [N, E] -> [N, H]."""
 
 
 def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> torch.Tensor:
@@ -35,25 +40,24 @@ def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: 
     return F.linear(act(gate) * up, down)
 
 
-def combine(
-    hidden: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    experts: list[int],
-    weights_of: Callable[[int], ExpertWeights],
-    act: Callable,
-) -> torch.Tensor:
-    """Sum over the routed experts of weight * expert(x), for the experts in `experts` order.
+def contribution(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: int,
+                 gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens routed to `expert` and weight * expert(x) for them: ([n], [n, H]).
 
-    hidden [N, H]; ids, weights [N, K]. Tokens are gathered per expert in
-    (k slot, token) order and accumulated with index_add_, as transformers
-    does, so the resident result matches it bit for bit on the same device.
-    """
+    hidden [N, H]; ids, weights [N, K]. Tokens are gathered in (k slot,
+    token) order, as transformers does."""
+    k_slot, token = torch.where(ids.T == expert)  # [n], [n]
+    y = expert_ffn(hidden[token], gate_up, down, act)  # [n, H]
+    return token, y * weights[token, k_slot, None]
+
+
+def accumulate(hidden: torch.Tensor, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Sum the experts' contributions in ascending expert order, whatever order
+    they were computed in, so every placement adds in the same order as the
+    resident model (and transformers) and the result is bit-identical."""
     out = torch.zeros_like(hidden)  # [N, H]
-    for e in experts:
-        k_slot, token = torch.where(ids.T == e)  # [n], [n]
-        y = expert_ffn(hidden[token], *weights_of(e), act)  # [n, H]
-        y = y * weights[token, k_slot, None]
+    for expert in sorted(parts):
+        token, y = parts[expert]
         out.index_add_(0, token, y.to(out.dtype))
     return out
 
@@ -66,25 +70,30 @@ def stack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> Ex
 class ResidentExperts:
     """Every routed expert held on the compute device, stacked per layer."""
 
-    def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor], act: str):
+    def __init__(self, gate_up: dict[int, torch.Tensor], down: dict[int, torch.Tensor], act: str,
+                 stats: ExpertStats | None = None):
         self.gate_up = gate_up  # layer -> [E, 2I, H]
         self.down = down  # layer -> [E, H, I]
         self.act = ACT[act]
+        self.stats = stats or ExpertStats(gate_up)
 
     @classmethod
-    def load(cls, checkpoint, device: torch.device, dtype: torch.dtype) -> "ResidentExperts":
+    def load(cls, checkpoint, device: torch.device, dtype: torch.dtype, stats: ExpertStats) -> "ResidentExperts":
         cfg = checkpoint.config
         gate_up, down = {}, {}
         for layer in (i for i, sparse in enumerate(cfg.sparse_layers) if sparse):
             pairs = [stack_expert(*checkpoint.expert(layer, e)) for e in range(cfg.num_experts)]
             gate_up[layer] = torch.stack([p[0] for p in pairs]).to(device=device, dtype=dtype)
             down[layer] = torch.stack([p[1] for p in pairs]).to(device=device, dtype=dtype)
-        return cls(gate_up, down, cfg.hidden_act)
+        return cls(gate_up, down, cfg.hidden_act, stats)
 
-    def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 probs: torch.Tensor | None = None) -> torch.Tensor:
         gate_up, down = self.gate_up[layer], self.down[layer]
-        experts = torch.unique(ids).tolist()  # ascending, as transformers visits them
-        return combine(hidden, ids, weights, experts, lambda e: (gate_up[e], down[e]), self.act)
+        experts = torch.unique(ids).tolist()
+        self.stats[layer].hits += len(experts)  # resident: every request is a hit
+        parts = {e: contribution(hidden, ids, weights, e, gate_up[e], down[e], self.act) for e in experts}
+        return accumulate(hidden, parts)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.gate_up, self.down) for t in d.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -32,13 +32,69 @@ class GenerationStats:
 
 
 @dataclass
-class RuntimeStats:
-    """Totals over the runtime's life plus the last generation's figures."""
+class ExpertCounters:
+    """Expert traffic of one layer (or all). A request is one expert needed by
+    one layer step; it hits when the expert is already on the compute device."""
 
+    hits: int = 0
+    misses: int = 0
+    bytes_from_disk: int = 0
+    bytes_to_device: int = 0  # host -> GPU copies; 0 when the device is the CPU
+    stall_seconds: float = 0.0  # time the compute waited for experts to arrive
+
+    @property
+    def hit_rate(self) -> float:
+        requests = self.hits + self.misses
+        return self.hits / requests if requests else 0.0
+
+    def add(self, other: "ExpertCounters") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "hit_rate": self.hit_rate}
+
+
+class ExpertStats:
+    """Per-layer expert counters, and their total."""
+
+    def __init__(self, layers):
+        self.layers = {layer: ExpertCounters() for layer in layers}
+
+    def __getitem__(self, layer: int) -> ExpertCounters:
+        return self.layers[layer]
+
+    def total(self) -> ExpertCounters:
+        total = ExpertCounters()
+        for counters in self.layers.values():
+            total.add(counters)
+        return total
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            self.layers[layer] = ExpertCounters()
+
+    def as_dict(self) -> dict:
+        return {"total": self.total().as_dict(), "layers": {str(k): v.as_dict() for k, v in self.layers.items()}}
+
+
+@dataclass
+class RuntimeStats:
+    """Totals over the runtime's life plus the last generation's figures.
+
+    The expert counters (`hits`, `misses`, `bytes_from_disk`, `bytes_to_device`,
+    `stall_seconds`) are totals; `experts[layer]` has them per layer."""
+
+    experts: ExpertStats
     requests: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
     last: GenerationStats | None = None
+
+    def __getattr__(self, name):
+        if name in ExpertCounters.__dataclass_fields__ or name == "hit_rate":
+            return getattr(self.experts.total(), name)
+        raise AttributeError(name)
 
     def record(self, run: GenerationStats) -> None:
         self.requests += 1
@@ -61,6 +117,8 @@ class RuntimeStats:
             "new_tokens": self.new_tokens,
             "tokens_per_second": self.tokens_per_second,
             "time_to_first_token": self.time_to_first_token,
+            **self.experts.total().as_dict(),
+            "layers": self.experts.as_dict()["layers"],
             "last": self.last.as_dict() if self.last else None,
         }
 

@@ -113,8 +113,8 @@ class MoEBlock(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
         self.executor: ExpertExecutor | None = None  # set by the runtime after loading
 
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [N, H] -> (weights [N, K], ids [N, K])."""
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [N, H] -> (weights [N, K], ids [N, K], probs [N, E] float32)."""
         logits = self.gate(h)  # [N, E]
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
@@ -122,13 +122,13 @@ class MoEBlock(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if not self.cfg.family.float_weights:
             weights = weights.to(logits.dtype)
-        return weights, ids
+        return weights, ids, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, hdim = x.shape
         h = x.reshape(-1, hdim)  # [N, H]
-        weights, ids = self.route(h)
-        out = self.executor(self.layer, h, ids, weights)  # [N, H]
+        weights, ids, probs = self.route(h)
+        out = self.executor(self.layer, h, ids, weights, probs)  # [N, H]
         if self.cfg.family.shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         return out.view(b, t, hdim)

@@ -1,0 +1,125 @@
+"""The bytes of routed experts: where each lies in the checkpoint's own
+safetensors files, and preallocated slots to read or copy it into.
+
+Experts are read with pread straight from the checkpoint's shards (a
+per-expert tensor, or one row of a fused [E, ...] tensor, is one contiguous
+extent), into slot memory, with no intermediate allocation; a dtype change
+goes through one reusable scratch buffer per I/O thread. The page cache is
+the kernel's business: nothing here maps the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One tensor (or one row of it) in a safetensors file."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def row(self, index: int) -> "Extent":
+        """Row `index` of a tensor whose first dimension is the expert."""
+        row_bytes = self.nbytes // self.shape[0]
+        return Extent(self.file, self.offset + index * row_bytes, row_bytes, self.dtype, self.shape[1:])
+
+    def split_rows(self) -> tuple["Extent", "Extent"]:
+        """First and second half of the rows (gate and up of a fused gate_up matrix)."""
+        half = self.nbytes // 2
+        shape = (self.shape[0] // 2, *self.shape[1:])
+        return (Extent(self.file, self.offset, half, self.dtype, shape),
+                Extent(self.file, self.offset + half, half, self.dtype, shape))
+
+
+def safetensors_extents(path: Path) -> dict[str, Extent]:
+    """Every tensor's byte range in a safetensors file, from its JSON header."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    extents = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of F32, BF16, F16")
+        start, end = info["data_offsets"]
+        extents[name] = Extent(Path(path), base + start, end - start, SAFETENSORS_DTYPES[info["dtype"]],
+                               tuple(info["shape"]))
+    return extents
+
+
+def _bytes_of(t: torch.Tensor):
+    """A writable uint8 numpy view of a contiguous CPU tensor's memory."""
+    return t.view(torch.uint8).reshape(-1).numpy()
+
+
+class ExpertReader:
+    """Reads one expert's (gate, up, down) from disk into a slot's (gate_up [2I, H], down [H, I])."""
+
+    def __init__(self, locate, files: list[Path]):
+        self.locate = locate  # (layer, expert) -> (gate, up, down) Extents
+        self.fds = {Path(f): os.open(f, os.O_RDONLY) for f in files}
+        self.local = threading.local()  # per-thread scratch for dtype conversion
+
+    def read(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
+        gate, up, down_ext = self.locate(layer, expert)
+        width = gate.shape[0]
+        self._read(gate, gate_up[:width])
+        self._read(up, gate_up[width:])
+        self._read(down_ext, down)
+        return gate.nbytes + up.nbytes + down_ext.nbytes
+
+    def _read(self, extent: Extent, dst: torch.Tensor) -> None:
+        if extent.dtype == dst.dtype:
+            self._pread(extent, _bytes_of(dst))
+            return
+        scratch = getattr(self.local, "buf", None)
+        if scratch is None or scratch.numel() < extent.nbytes:
+            scratch = self.local.buf = torch.empty(extent.nbytes, dtype=torch.uint8)
+        raw = scratch[: extent.nbytes]
+        self._pread(extent, raw.numpy())
+        dst.copy_(raw.view(extent.dtype).view(extent.shape))
+
+    def _pread(self, extent: Extent, out) -> None:
+        fd, done, view = self.fds[extent.file], 0, memoryview(out)
+        while done < extent.nbytes:
+            n = os.preadv(fd, [view[done:]], extent.offset + done)
+            if n <= 0:
+                raise OSError(f"{extent.file} ended early: the checkpoint is truncated")
+            done += n
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class SlotPool:
+    """A fixed number of expert slots, allocated once: gate_up [S, 2I, H], down [S, H, I]."""
+
+    def __init__(self, slots: int, hidden: int, width: int, device: torch.device, dtype: torch.dtype,
+                 pin: bool = False):
+        self.gate_up = torch.empty((slots, 2 * width, hidden), device=device, dtype=dtype, pin_memory=pin)
+        self.down = torch.empty((slots, hidden, width), device=device, dtype=dtype, pin_memory=pin)
+
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[slot], self.down[slot]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
