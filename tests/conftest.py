@@ -12,6 +12,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+# Tiny models gain nothing from intra-op threads, and OpenMP's spinning threads
+# slow down a hundredfold when another process holds the other core.
+torch.set_num_threads(1)
+
 VOCAB = 320
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
