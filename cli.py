@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -135,6 +136,28 @@ def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split
                 click.echo(click.style(f"[{llm.stats.last.summary()}]", dim=True), err=True)
             if show_stats:
                 click.echo(llm.stats.to_json(), err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--device", default="cpu", show_default=True, help="Compute device: cpu, cuda or cuda:N.")
+@click.option("--prompt-tokens", default=32, show_default=True, help="Prompt length of each timed generation.")
+@click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per timed run.")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per configuration; medians are shown.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
+def bench(model, device, prompt_tokens, new_tokens, repeats, json_out):
+    """Time MODEL resident, with half the experts cached, and with a quarter in RAM and the rest on disk."""
+    import json
+    from dataclasses import asdict
+
+    from offload.bench import bench as run_bench
+
+    results = run_bench(model, device, prompt_tokens, new_tokens, repeats, echo=click.echo)
+    if json_out:
+        tmp = json_out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+        os.replace(tmp, json_out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from .engine import OffloadedExperts
 from .experts import ResidentExperts
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
-from .placement import plan
+from .placement import plan, resident_bytes
 from .sampling import SamplingParams
 from .stats import ExpertStats, GenerationStats, RuntimeStats
 from .tokenizer import Tokenizer
@@ -66,8 +66,7 @@ class Runtime:
         self.device = resolve_device(options.device)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)
         self.model = self._build_model()
-        resident = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.placement = plan(cfg, options, self.device, self.dtype, resident)
+        self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype))
         layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
         self._stats = RuntimeStats(ExpertStats(layers))
         if self.placement.mode == "resident":

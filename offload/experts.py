@@ -24,8 +24,6 @@ ACT = {
     "relu": F.relu,
 }
 
-# One expert's weights on the compute device: gate_up [2I, H] (gate rows first), down [H, I].
-ExpertWeights = tuple[torch.Tensor, torch.Tensor]
 
 
 class ExpertExecutor(Protocol):
@@ -62,11 +60,6 @@ def accumulate(hidden: torch.Tensor, parts: dict[int, tuple[torch.Tensor, torch.
     return out
 
 
-def stack_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
-    """Checkpoint matrices -> the layout `expert_ffn` reads: (gate_up [2I, H], down [H, I])."""
-    return torch.cat([gate, up], dim=0), down
-
-
 class ResidentExperts:
     """Every routed expert held on the compute device, stacked per layer."""
 
@@ -80,11 +73,17 @@ class ResidentExperts:
     @classmethod
     def load(cls, checkpoint, device: torch.device, dtype: torch.dtype, stats: ExpertStats) -> "ResidentExperts":
         cfg = checkpoint.config
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         gate_up, down = {}, {}
-        for layer in (i for i, sparse in enumerate(cfg.sparse_layers) if sparse):
-            pairs = [stack_expert(*checkpoint.expert(layer, e)) for e in range(cfg.num_experts)]
-            gate_up[layer] = torch.stack([p[0] for p in pairs]).to(device=device, dtype=dtype)
-            down[layer] = torch.stack([p[1] for p in pairs]).to(device=device, dtype=dtype)
+        for layer in (n for n, sparse in enumerate(cfg.sparse_layers) if sparse):
+            # Filled in place, one expert at a time: the peak is the result plus one expert.
+            gate_up[layer] = torch.empty((e, 2 * i, h), device=device, dtype=dtype)
+            down[layer] = torch.empty((e, h, i), device=device, dtype=dtype)
+            for expert in range(e):
+                gate, up, d = checkpoint.expert(layer, expert)
+                gate_up[layer][expert, :i].copy_(gate)
+                gate_up[layer][expert, i:].copy_(up)
+                down[layer][expert].copy_(d)
         return cls(gate_up, down, cfg.hidden_act, stats)
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

@@ -63,6 +63,17 @@ def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
 
 
+def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the non-expert weights, from the model built on the meta device."""
+    from accelerate import init_empty_weights
+
+    from .models.decoder import MoECausalLM
+
+    with init_empty_weights():
+        model = MoECausalLM(cfg)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
 def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: torch.dtype,
          resident_bytes: int) -> Placement:
     per_expert = expert_bytes(cfg, dtype)
