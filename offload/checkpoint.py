@@ -21,7 +21,8 @@ from .config import ModelConfig
 from .errors import OffloadError
 from .models import family_for
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+# Weights and configs only; chat_template.jinja is where transformers 5 keeps the chat template.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
@@ -39,9 +40,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
+        reason = " ".join(str(exc).split())[:300]
         raise OffloadError(
-            f"could not download {name!r} from the hub ({type(exc).__name__}: {exc}); "
-            "check the id and the network, or pass a local directory"
+            f"could not download {name!r} from the hub ({type(exc).__name__}: {reason}); "
+            "check the id and the network, or pass a local directory holding config.json and *.safetensors"
         ) from None
 
 

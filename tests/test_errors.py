@@ -119,3 +119,12 @@ def test_bad_sampling_options(model_dir):
             llm.generate([1, 2, 3], **kwargs)
     with pytest.raises(OffloadError, match="empty"):
         llm.generate([])
+
+
+def test_hub_id_offline_names_the_local_alternative(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: nothing to fall back on
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OffloadError, match="could not download 'no-such-org/no-such-model'.*local directory"):
+        offload.load("no-such-org/no-such-model", device="cpu")
