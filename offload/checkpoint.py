@@ -1,9 +1,10 @@
 """A Hugging Face model directory (or hub id) as lazy tensors.
 
-Nothing is read until asked for: `tensor(name)` reads one tensor from its
-shard with `safetensors.safe_open`, and `expert(layer, e)` reads one routed
-expert's three matrices, from per-expert names or from transformers' fused
-`experts.gate_up_proj` / `experts.down_proj` (reading only row `e`).
+Nothing is read until asked for: `tensor(name)` reads one (resident) tensor
+from its shard with `safetensors.safe_open`, and `expert_extents(layer, e)`
+says where one routed expert's three matrices lie on disk, from per-expert
+names or from transformers' fused `experts.gate_up_proj` / `experts.down_proj`
+(row `e` only), so each expert is read alone (cache/store.py).
 """
 
 from __future__ import annotations
@@ -119,21 +120,6 @@ class Checkpoint:
     def _moe_prefixes(self, layer: int) -> list[str]:
         return [f"model.layers.{layer}.{p}" for p in (self.family.moe_prefix, *self.family.moe_aliases)]
 
-    def expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, H], up [I, H], down [H, I]) of one routed expert."""
-        gate_n, up_n, down_n = self.family.expert_names
-        for prefix in self._moe_prefixes(layer):
-            base = f"{prefix}.experts.{expert}."
-            names = [self.find(base + n + ".weight", base + n) for n in (gate_n, up_n, down_n)]
-            if all(names):
-                return tuple(self.tensor(n) for n in names)  # type: ignore[return-value]
-            fused, down = f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"
-            if self.has(fused) and self.has(down):
-                gate_up = self._row(fused, expert)  # [2I, H], gate rows first
-                half = gate_up.shape[0] // 2
-                return gate_up[:half], gate_up[half:], self._row(down, expert)
-        raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
-
     def expert_extents(self, layer: int, expert: int):
         """Where one expert's (gate, up, down) bytes lie on disk, for direct reads."""
         gate_n, up_n, down_n = self.family.expert_names
@@ -161,9 +147,6 @@ class Checkpoint:
 
     def shard_files(self) -> list[Path]:
         return sorted({self.path / s for s in self.weight_map.values()})
-
-    def _row(self, name: str, row: int) -> torch.Tensor:
-        return self._handle(self.weight_map[name]).get_slice(name)[row]
 
     def resident_name(self, name: str) -> str:
         """Checkpoint name of a resident (non-expert) weight, allowing the family's aliases."""

@@ -73,17 +73,28 @@ class ResidentExperts:
     @classmethod
     def load(cls, checkpoint, device: torch.device, dtype: torch.dtype, stats: ExpertStats) -> "ResidentExperts":
         cfg = checkpoint.config
+        from .cache.store import ExpertReader, SlotPool
+
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        # Experts are read with pread straight into their final place (through one
+        # staging slot for a GPU): no mmap, so the file's pages never count as our RSS,
+        # and the peak is the result plus one expert.
+        reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files())
+        staging = None if device.type == "cpu" else SlotPool(1, h, i, torch.device("cpu"), dtype)
         gate_up, down = {}, {}
-        for layer in (n for n, sparse in enumerate(cfg.sparse_layers) if sparse):
-            # Filled in place, one expert at a time: the peak is the result plus one expert.
-            gate_up[layer] = torch.empty((e, 2 * i, h), device=device, dtype=dtype)
-            down[layer] = torch.empty((e, h, i), device=device, dtype=dtype)
-            for expert in range(e):
-                gate, up, d = checkpoint.expert(layer, expert)
-                gate_up[layer][expert, :i].copy_(gate)
-                gate_up[layer][expert, i:].copy_(up)
-                down[layer][expert].copy_(d)
+        try:
+            for layer in (n for n, sparse in enumerate(cfg.sparse_layers) if sparse):
+                gate_up[layer] = torch.empty((e, 2 * i, h), device=device, dtype=dtype)
+                down[layer] = torch.empty((e, h, i), device=device, dtype=dtype)
+                for expert in range(e):
+                    if staging is None:
+                        reader.read(layer, expert, gate_up[layer][expert], down[layer][expert])
+                    else:
+                        reader.read(layer, expert, *staging[0])
+                        gate_up[layer][expert].copy_(staging.gate_up[0])
+                        down[layer][expert].copy_(staging.down[0])
+        finally:
+            reader.close()
         return cls(gate_up, down, cfg.hidden_act, stats)
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
