@@ -8,6 +8,7 @@ import sys
 import click
 
 import offload
+import offload.checkpoint
 from offload.errors import OffloadError
 
 
@@ -158,6 +159,78 @@ def bench(model, device, prompt_tokens, new_tokens, repeats, json_out):
         with open(tmp, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
         os.replace(tmp, json_out)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompts", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text file: one prompt per line (each recorded as its own sequence).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the trace.")
+@click.option("--hidden", is_flag=True, help="Also keep every MoE layer's router input (for train-predictor).")
+@click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda or cuda:N.")
+def trace(model, prompts, out, hidden, device):
+    """Record which experts MODEL routes every token of PROMPTS to (offload-trace/1)."""
+    from offload.predictors.trace import save_trace
+
+    lines = [line.rstrip("\n") for line in open(prompts, encoding="utf-8") if line.strip()]
+    if not lines:
+        raise OffloadError(f"{prompts} has no non-empty line")
+    with offload.load(model, device=device, predictor="none") as llm:
+        recorded = llm.trace(lines, hidden=hidden)
+        save_trace(recorded, out, {"model": str(llm.path), "architecture": llm.config.family.architecture,
+                                   "source": f"prompts from {prompts}"})
+    click.echo(f"wrote {out}: {recorded.num_tokens} tokens, {recorded.num_layers} MoE layers")
+
+
+@main.command("train-predictor")
+@click.argument("model")
+@click.option("--trace", "trace_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A trace recorded with --hidden.")
+@click.option("--lookahead", default=1, show_default=True, help="How many MoE layers ahead to predict.")
+@click.option("--epochs", default=200, show_default=True, help="Full-batch training epochs per layer.")
+@click.option("--out", default=None, type=click.Path(), help="Where to save (default: predictor.safetensors in MODEL).")
+def train_predictor(model, trace_dir, lookahead, epochs, out):
+    """Train the learned predictor on a trace and save it next to MODEL, where load() finds it."""
+    from offload.checkpoint import resolve_model_path
+    from offload.predictors.learned import FILENAME, LearnedPredictor
+    from offload.predictors.trace import load_trace
+
+    recorded = load_trace(trace_dir)
+    predictor = LearnedPredictor.train(recorded, lookahead=lookahead, epochs=epochs)
+    path = predictor.save(out or resolve_model_path(model) / FILENAME)
+    click.echo(f"saved {path}")
+
+
+@main.command("eval-predictor")
+@click.option("--trace", "trace_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The trace to score on.")
+@click.option("--model", default=None, help="Model directory: needed for the gate predictor (its routers).")
+@click.option("--slots-per-layer", default=None, type=int, help="Cache size for the hit-rate table (default: half the experts).")
+@click.option("--train-fraction", default=0.5, show_default=True,
+              help="Share of the trace's sequences that affinity and learned fit on; the rest is scored.")
+@click.option("--epochs", default=200, show_default=True, help="Training epochs of the learned predictor.")
+def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
+    """Recall and precision of each predictor on a trace, and cache hit rates with and without prefetch."""
+    from offload.predictors.affinity import AffinityPredictor
+    from offload.predictors.evaluate import report
+    from offload.predictors.gate import GatePredictor, routers_from_checkpoint
+    from offload.predictors.learned import LearnedPredictor
+    from offload.predictors.trace import load_trace
+
+    recorded = load_trace(trace_dir)
+    fit, test = recorded.split(train_fraction)
+    vocab = int(recorded.token_ids.max()) + 1
+    predictors = {}
+    if model is not None and test.hidden is not None:
+        predictors["gate"] = GatePredictor(routers_from_checkpoint(offload.checkpoint.resolve_model_path(model)))
+    if fit.hidden is not None:
+        predictors["learned"] = LearnedPredictor.train(fit, epochs=epochs)
+    predictors["affinity"] = AffinityPredictor(recorded.num_layers, recorded.num_experts, vocab).fit(fit)
+    missing = [n for n in ("gate", "learned") if n not in predictors]
+    if missing:
+        click.echo(f"(not scored: {', '.join(missing)}; they need a trace recorded with --hidden"
+                   f"{' and --model' if 'gate' in missing else ''})", err=True)
+    report(test, predictors, slots_per_layer or max(recorded.top_k, recorded.num_experts // 2), echo=click.echo)
 
 
 if __name__ == "__main__":

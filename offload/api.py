@@ -19,6 +19,11 @@ from .experts import ResidentExperts
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
 from .placement import plan, resident_bytes
+from .predictors.affinity import AffinityPredictor
+from .predictors.gate import GatePredictor
+from .predictors.learned import FILENAME as PREDICTOR_FILE
+from .predictors.learned import LearnedPredictor
+from .prefetch import Prefetcher
 from .sampling import SamplingParams
 from .stats import ExpertStats, GenerationStats, RuntimeStats
 from .tokenizer import Tokenizer
@@ -73,7 +78,8 @@ class Runtime:
             self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype, self._stats.experts)
         else:
             self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.dtype,
-                                            options.cache_policy, options.cache_split, self._stats.experts)
+                                            options.cache_policy, options.cache_split, self._stats.experts,
+                                            prefetch=self._prefetcher(options.predictor))
         self.checkpoint.close()  # resident weights are copied; experts are read by pread from here on
         self.model.set_executor(self.experts)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
@@ -98,6 +104,23 @@ class Runtime:
                 )
             set_module_tensor_to_device(model, name, self.device, value=value, dtype=self.dtype)
         return model.eval()
+
+    def _prefetcher(self, name: str) -> Prefetcher | None:
+        cfg = self.config
+        layers = sum(cfg.sparse_layers)
+        if name == "none" or layers < 2:
+            return None
+        if name == "gate":
+            predictor = GatePredictor.from_model(self.model)
+        elif name == "learned":
+            path = self.path / PREDICTOR_FILE
+            if not path.exists():
+                raise OffloadError(f"predictor='learned' needs {path}; train it with "
+                                   f"`offload train-predictor {self.path} --trace DIR`, or use predictor='gate'")
+            predictor = LearnedPredictor.load(path).to(self.device)
+        else:
+            predictor = AffinityPredictor(layers, cfg.num_experts, cfg.vocab_size)  # learns online
+        return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k)
 
     def _eos_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)
@@ -177,6 +200,22 @@ class Runtime:
         ids = self._need_tokenizer().encode_chat(messages)
         params = SamplingParams.build(max_new_tokens, temperature, top_k, top_p, seed, stop)
         return self._stream_row(ids, params) if stream else self._run([ids], params)[0]
+
+    def trace(self, sequences, hidden: bool = False):
+        """Routing of every token of `sequences` (strings or token-id lists), as a
+        `Trace` (predictors/trace.py); `hidden` also keeps each MoE layer's router input."""
+        from .predictors.trace import TraceRecorder
+
+        rows = [self._as_ids(s) for s in sequences]
+        layers = [i for i, sparse in enumerate(self.config.sparse_layers) if sparse]
+        recorder = TraceRecorder(self.experts, layers, hidden)
+        self.model.set_executor(recorder)
+        try:
+            for row in rows:
+                self.logits([row])
+        finally:
+            self.model.set_executor(self.experts)
+        return recorder.trace(rows)
 
     @property
     def stats(self) -> RuntimeStats:

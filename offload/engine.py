@@ -23,6 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from .cache.policy import make_policy
@@ -30,14 +31,21 @@ from .cache.state import ExpertCache
 from .cache.store import ExpertReader, SlotPool
 from .experts import ACT, accumulate, contribution
 from .placement import Placement
+from .prefetch import Prefetcher
 from .stats import ExpertStats
 
 
 class OffloadedExperts:
     def __init__(self, checkpoint, placement: Placement, device: torch.device, dtype: torch.dtype,
-                 policy: str, split: str, stats: ExpertStats, io_threads: int = 4):
+                 policy: str, split: str, stats: ExpertStats, io_threads: int = 4,
+                 prefetch: Prefetcher | None = None):
         cfg = checkpoint.config
         self.layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
+        self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
+        self.prefetch = prefetch
+        self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool
+        self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
+        self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
         self.device, self.act, self.stats = device, ACT[cfg.hidden_act], stats
         self.expert_bytes = placement.expert_bytes
         shape = (cfg.hidden_size, cfg.moe_intermediate_size)
@@ -59,6 +67,10 @@ class OffloadedExperts:
 
     # ---- one layer step --------------------------------------------------
 
+    def begin_step(self, input_ids: torch.Tensor) -> None:
+        """Called by the model before each forward: the token ids the predictors may use."""
+        self.tokens = input_ids.reshape(-1).cpu().numpy()
+
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:
         experts = torch.unique(ids).tolist()
@@ -72,32 +84,77 @@ class OffloadedExperts:
         pending = deque(e for e in experts if (layer, e) not in self.cache)
         counters.hits += len(present)
         counters.misses += len(pending)
-        busy = set(keys)  # nothing this step still needs may be evicted
+        self._forget_finished_prefetches()
+        # Nothing this step needs, and no speculative fetch still writing its slot, may be evicted.
+        busy = set(keys) | set(self.prefetching)
         inflight: deque[tuple[int, int, Future]] = deque()
 
         def issue():
             while pending and self.cache.can_admit((layer, pending[0]), busy):
                 e = pending.popleft()
-                slot, _ = self.cache.admit((layer, e), busy)
+                slot = self._admit((layer, e), busy)
                 inflight.append((e, slot, self._fetch(layer, e, slot)))
 
         parts = {}
         issue()
+        if self.prefetch is not None:
+            chosen = ids.cpu().numpy()
+            self.prefetch.settle(self.pos[layer], set(experts), set(present), counters)
+            for target, wanted in self.prefetch.plan(self.pos[layer], hidden, self.tokens, chosen).items():
+                target_layer = self.layers[target]
+                self._prefetch(target_layer, wanted, busy, self.stats[target_layer])
         for e in present:
+            self._await_prefetch((layer, e), counters)
             parts[e] = self._compute(hidden, ids, weights, e, self.cache.lookup((layer, e)))
             busy.discard((layer, e))
             issue()
         while inflight:
             e, slot, future = inflight.popleft()
-            start = time.perf_counter()
-            ready = future.result()  # the only place compute waits for the I/O threads
-            counters.stall_seconds += time.perf_counter() - start
-            if self.gpu:
-                torch.cuda.current_stream(self.device).wait_event(ready)  # kernels after the copy
+            self._await(future, counters)
             parts[e] = self._compute(hidden, ids, weights, e, slot)
             busy.discard((layer, e))
             issue()
         return accumulate(hidden, parts)
+
+    def _admit(self, key, busy) -> int:
+        slot, evicted = self.cache.admit(key, busy)
+        if evicted is not None:
+            self.copy_done.pop(evicted, None)
+        return slot
+
+    def _await(self, future: Future, counters) -> None:
+        start = time.perf_counter()
+        ready = future.result()  # compute waits for the I/O threads here and nowhere else
+        counters.stall_seconds += time.perf_counter() - start
+        if self.gpu:
+            torch.cuda.current_stream(self.device).wait_event(ready)  # kernels after the copy
+
+    # ---- speculative fetches -------------------------------------------------
+
+    def _prefetch(self, layer: int, wanted: list[int], busy: set, counters) -> None:
+        for e in wanted:
+            key = (layer, e)
+            if key in self.cache or not self.cache.can_admit(key, busy):
+                continue
+            slot = self._admit(key, busy)
+            self.prefetching[key] = self._fetch(layer, e, slot)
+            busy.add(key)
+            counters.prefetch_issued += 1
+            self.prefetch.issued(self.pos[layer], e)
+
+    def _await_prefetch(self, key, counters) -> None:
+        future = self.prefetching.pop(key, None)
+        if future is not None:
+            self._await(future, counters)
+        elif self.gpu and key in self.copy_done:
+            torch.cuda.current_stream(self.device).wait_event(self.copy_done.pop(key))
+
+    def _forget_finished_prefetches(self) -> None:
+        for key, future in list(self.prefetching.items()):
+            if future.done():
+                del self.prefetching[key]
+                if self.gpu:
+                    self.copy_done[key] = future.result()  # still needed to order the first use after the copy
 
     def _compute(self, hidden, ids, weights, expert: int, slot: int):
         part = contribution(hidden, ids, weights, expert, *self.pool[slot], self.act)

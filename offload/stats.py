@@ -41,6 +41,9 @@ class ExpertCounters:
     bytes_from_disk: int = 0
     bytes_to_device: int = 0  # host -> GPU copies; 0 when the device is the CPU
     stall_seconds: float = 0.0  # time the compute waited for experts to arrive
+    prefetch_issued: int = 0  # experts of this layer fetched ahead on a prediction
+    prefetch_used: int = 0  # ... that the layer then requested while still cached
+    prefetch_wasted: int = 0  # ... that it did not
 
     @property
     def hit_rate(self) -> float:

@@ -173,6 +173,8 @@ class MoECausalLM(nn.Module):
     def set_executor(self, executor: ExpertExecutor) -> None:
         for block in self.moe_blocks():
             block.executor = executor
+        # An executor that prefetches wants each step's token ids (the affinity predictor's prior).
+        self.token_listener = getattr(executor, "begin_step", None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                 cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -181,6 +183,8 @@ class MoECausalLM(nn.Module):
         `valid` marks real tokens (False on left padding); `cache` holds what
         came before and receives these T tokens.
         """
+        if getattr(self, "token_listener", None) is not None:
+            self.token_listener(input_ids)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = rope_tables(self.cfg, positions, x.dtype)
         cache.reserve(valid)
