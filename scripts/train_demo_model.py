@@ -6,7 +6,10 @@ Everything is self-contained and CPU-only:
 * a byte-level BPE tokenizer (``tokenizers``) is trained on the training split,
 * a ``transformers.MixtralForCausalLM`` is trained from scratch on Tiny Shakespeare
   (first 90 % of the characters; the last 10 % are held out for validation),
-  with the router load-balancing auxiliary loss switched on,
+  with the router load-balancing auxiliary loss computed per layer (see
+  ``per_layer_balance_loss``: transformers' built-in Mixtral loss pools the
+  counts of all layers, which lets experts die in one layer as long as the same
+  expert index is busy in another),
 * the result is saved as a standard Hugging Face directory (config.json,
   model.safetensors, tokenizer.json, tokenizer_config.json with a chat template,
   generation_config.json) plus a README.md model card holding the measured
@@ -110,8 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--aux-coef", type=float, default=0.02, help="router load-balancing loss coefficient")
-    p.add_argument("--dropout", type=float, default=0.1,
+    p.add_argument("--aux-coef", type=float, default=0.02,
+                   help="coefficient of the load-balancing loss, summed over layers (Switch Transformer's alpha)")
+    p.add_argument("--dropout", type=float, default=0.2,
                    help="training-only residual dropout on attention/MoE outputs (forward hooks; not part of the saved model)")
     p.add_argument("--chat-fraction", type=float, default=0.25, help="fraction of samples rendered with the chat template")
     p.add_argument("--eval-every", type=int, default=200)
@@ -286,6 +290,21 @@ def add_dropout_hooks(model, p: float):
     return handles
 
 
+def per_layer_balance_loss(router_logits, num_experts, top_k):
+    """Switch-Transformer load-balancing loss for each layer separately: E * sum_i f_i * P_i, where f_i is the
+    fraction of the layer's routed token-slots sent to expert i (sums to top_k; no gradient) and P_i the mean router
+    probability of expert i. Same normalisation as transformers' load_balancing_loss_func (top_k when balanced),
+    but per layer instead of pooled over layers. Returns a tensor [num_layers]."""
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(-1)
+        with torch.no_grad():
+            sel = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+            f = torch.bincount(sel, minlength=num_experts).float() / probs.shape[0]
+        losses.append(num_experts * (f * probs.mean(0)).sum())
+    return torch.stack(losses)
+
+
 def param_counts(model, cfg):
     total = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -326,13 +345,15 @@ def benchmark(args):
                             output_router_logits=True, router_aux_loss_coef=args.aux_coef, tie_word_embeddings=True)
         model = MixtralForCausalLM(cfg)
         model.set_experts_implementation("eager")
+        model.router_aux_loss_coef = 0.0
         add_dropout_hooks(model, args.dropout)
         opt = make_optimizer(model, args)
         x = torch.randint(0, v, (args.batch_size, args.ctx))
         times = []
         for _ in range(args.bench_steps + 1):
             t0 = time.perf_counter()
-            model(input_ids=x, labels=x).loss.backward()
+            out = model(input_ids=x, labels=x, output_router_logits=True)
+            (out.loss + args.aux_coef * per_layer_balance_loss(out.router_logits, e, args.top_k).sum()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
@@ -408,7 +429,7 @@ def write_card(out_dir: Path, files: list[str], m: dict, notes: str | None):
     cfg = m["config"]
     checks = "\n".join(f"{sha256(out_dir / f)}  {f}" for f in files)
     sizes = "\n".join(f"| {f} | {(out_dir / f).stat().st_size:,} |" for f in files)
-    hist = "\n".join(f"| {h['step']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {h['lr']:.2e} | {h['elapsed_min']:.1f} |"
+    hist = "\n".join(f"| {h['step']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {100 * h['min_usage']:.1f}% | {h['lr']:.2e} | {h['elapsed_min']:.1f} |"
                      for h in m["history"])
     card = f"""---
 license: mit
@@ -487,7 +508,7 @@ speech. The loss is taken on every token. Data order is fixed by the seed.
 | torch / transformers / tokenizers | {m['versions']} |
 | optimizer | AdamW (betas 0.9/0.95, weight decay {m['args']['weight_decay']} on matrices), peak LR {m['args']['lr']:g}, {m['args']['warmup']} warm-up steps, cosine decay to {m['args']['min_lr']:g} over {m['planned_steps']} steps, grad clip {m['args']['grad_clip']} |
 | batch | {m['args']['batch_size']} x {cfg['max_position_embeddings']} tokens = {m['args']['batch_size'] * cfg['max_position_embeddings']:,} tokens per step |
-| router aux loss | load-balancing loss (`output_router_logits=True`), coefficient {m['args']['aux_coef']} |
+| router aux loss | Switch-Transformer load-balancing loss computed **per layer** from the router logits (`output_router_logits=True`) and summed over layers, coefficient {m['args']['aux_coef']} (recorded as `router_aux_loss_coef` in config.json). transformers' built-in Mixtral loss was switched off during training because it pools the expert counts of all layers, so it cannot stop an expert from dying in one layer while the same expert index is busy in another. |
 | regularisation | residual dropout {m['args']['dropout']} on attention and MoE outputs during training only (forward hooks; the saved model has no dropout) |
 | steps done | {m['steps_done']} of {m['planned_steps']} planned{' (stopped by the --minutes cap)' if m['stopped_by_time'] else ''} |
 | tokens seen | {m['tokens_seen']:,} ({m['tokens_seen'] / m['train_tokens']:.1f} passes over the training split) |
@@ -502,7 +523,7 @@ speech. The loss is taken on every token. Data order is fixed by the seed.
 | **validation loss** (held-out 10%, nats/token) | **{m['val_loss']:.4f}** |
 | **validation perplexity** (per token) | **{m['val_ppl']:.2f}** |
 | validation bits per character | {m['val_bpc']:.4f} |
-| final router aux loss (balanced = {cfg['num_experts_per_tok']}) | {m['final_aux_loss']:.4f} |
+| final router aux loss, mean per layer over the last steps (perfectly balanced = {cfg['num_experts_per_tok']}) | {m['final_aux_loss']:.4f} |
 
 Validation: the held-out text is tokenized as one stream preceded by `<|bos|>` and cut into
 {cfg['max_position_embeddings']}-token windows that overlap by one token, so each of its {m['val_tokens']:,} tokens is
@@ -517,8 +538,8 @@ whole held-out text:
 
 ### Validation history
 
-| step | train loss (recent mean) | val loss | LR | elapsed min |
-|---|---|---|---|---|
+| step | train loss (mean of last 50 steps) | val loss | least-used expert (any layer, val) | LR | elapsed min |
+|---|---|---|---|---|---|
 {hist}
 
 ### Greedy samples
@@ -597,6 +618,7 @@ def main(argv=None):
     print(f"model: {total:,} params ({expert:,} in experts), {active:,} active per token, fp32 {total * 4 / 1e6:.1f} MB")
     hooks = add_dropout_hooks(model, args.dropout)
     opt = make_optimizer(model, args)
+    model.router_aux_loss_coef = 0.0  # built-in pooled loss off; per_layer_balance_loss is added instead
     model.train()
 
     planned = args.steps
@@ -627,13 +649,14 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         x = src.batch(args.batch_size)
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        out = model(input_ids=x, labels=x, output_router_logits=True)  # model.router_aux_loss_coef = 0: out.loss = CE
+        aux_layers = per_layer_balance_loss(out.router_logits, args.experts, args.top_k)
+        (out.loss + args.aux_coef * aux_layers.sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        aux = out.aux_loss.item()
-        ce = out.loss.item() - args.aux_coef * aux
+        aux = aux_layers.mean().item()
+        ce = out.loss.item()
         recent.append(ce)
         recent_aux.append(aux)
         recent, recent_aux = recent[-50:], recent_aux[-50:]
@@ -641,14 +664,17 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(recent):.3f}", aux=f"{aux:.3f}", lr=f"{lr:.1e}", refresh=False)
         if step % args.eval_every == 0 or step == planned:
-            vl = evaluate(model, val_windows, args.experts, args.top_k)[0]
+            vl, _, _, vu = evaluate(model, val_windows, args.experts, args.top_k, want_usage=True)
+            vmin = [min(r) for r in vu]
             history.append(dict(step=step, train_loss=float(np.mean(recent)), val_loss=vl, lr=lr,
-                                elapsed_min=(time.time() - t_loop) / 60))
+                                min_usage=min(vmin), elapsed_min=(time.time() - t_loop) / 60))
             tqdm.write(f"step {step}: train loss {np.mean(recent):.4f} (last 50) | val loss {vl:.4f} "
-                       f"(ppl {math.exp(vl):.2f}) | aux {np.mean(recent_aux):.3f} | lr {lr:.2e} | "
-                       f"{(time.time() - t_loop) / 60:.1f} min")
+                       f"(ppl {math.exp(vl):.2f}) | aux/layer {np.mean(recent_aux):.3f} | min expert usage per layer "
+                       + " ".join(f"{100 * v:.1f}%" for v in vmin)
+                       + f" | lr {lr:.2e} | {(time.time() - t_loop) / 60:.1f} min")
     bar.close()
     train_seconds = time.time() - t_loop
+    model.router_aux_loss_coef = cfg.router_aux_loss_coef
     for h in hooks:
         h.remove()
     model.eval()
@@ -658,7 +684,7 @@ def main(argv=None):
     train_eval_loss = evaluate(model, train_windows, args.experts, args.top_k)[0]
     if not history or history[-1]["step"] != step:
         history.append(dict(step=step, train_loss=float(np.mean(recent)), val_loss=val_loss, lr=lr,
-                            elapsed_min=train_seconds / 60))
+                            min_usage=min(min(r) for r in usage), elapsed_min=train_seconds / 60))
     val_bpc = val_nll / math.log(2) / len(val_text)
     print(f"\nfinal: steps {step}, train loss {np.mean(recent):.4f} (last {len(recent)} steps), "
           f"train loss (eval mode) {train_eval_loss:.4f}")
