@@ -132,15 +132,20 @@ class OffloadedExperts:
     # ---- speculative fetches -------------------------------------------------
 
     def _prefetch(self, layer: int, wanted: list[int], busy: set, counters) -> None:
-        for e in wanted:
+        target = self.pos[layer]
+        candidates = [e for e in wanted if (layer, e) not in self.cache]
+        self.prefetch.candidates(target, candidates)
+        if not self.prefetch.active(target):
+            return  # switched off for this layer: the candidates are only scored
+        for e in candidates:
             key = (layer, e)
-            if key in self.cache or not self.cache.can_admit(key, busy):
+            if not self.cache.can_admit(key, busy):
                 continue
             slot = self._admit(key, busy)
             self.prefetching[key] = self._fetch(layer, e, slot)
             busy.add(key)
             counters.prefetch_issued += 1
-            self.prefetch.issued(self.pos[layer], e)
+            self.prefetch.issued(target, e)
 
     def _await_prefetch(self, key, counters) -> None:
         future = self.prefetching.pop(key, None)

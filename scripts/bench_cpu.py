@@ -6,7 +6,7 @@ Writes a random Mixtral-shaped checkpoint (12 layers x 8 experts of
 1024x3584 in bf16, about 2.2 GB) once, then runs `offload bench` on it:
 (a) resident, (b) a RAM cache of half the experts with the checkpoint in the
 page cache, (c) a RAM cache of a quarter inside a cgroup memory limit so the
-rest really comes from disk. Needs root for the cgroup (as here); without it
+rest really comes from disk; (b) and (c) without and with gate prefetching. Needs root for the cgroup (as here); without it
 (c) runs unconfined and says so.
 """
 
@@ -24,10 +24,12 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--predictors", default="none,gate", help="predictors for the offloaded cases")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     path = make_synthetic_mixtral(args.dir, layers=args.layers)
-    results = bench(str(path), "cpu", args.prompt_tokens, args.new_tokens, args.repeats)
+    results = bench(str(path), "cpu", args.prompt_tokens, args.new_tokens, args.repeats,
+                    tuple(args.predictors.split(",")))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)

@@ -110,17 +110,23 @@ def test_prefetch_switches_off_below_threshold_and_back_on():
     predictor = Fixed([6, 7])
     prefetcher = Prefetcher(predictor, top_k=K, limit=K, threshold=0.5, window=8, min_samples=8)
     counters = ExpertCounters()
-    for _ in range(6):  # layer 1 keeps needing 0 and 1: every prediction misses
-        prefetcher.plan(0, None, np.array([5]), np.array([[0, 1]]))
-        prefetcher.settle(1, {0, 1}, set(), counters)
-    assert prefetcher.enabled[1] is False
-    assert prefetcher.plan(0, None, np.array([5]), np.array([[0, 1]])) == {}  # still predicts, in the shadow
-    predictor.experts = [0, 1]
-    prefetcher.settle(1, {0, 1}, {0, 1}, counters)
-    for _ in range(6):
-        prefetcher.plan(0, None, np.array([5]), np.array([[0, 1]]))
+    def step():  # what the engine does: plan at layer 0, offer the uncached candidates, settle at layer 1
+        planned = prefetcher.plan(0, None, np.array([5]), np.array([[0, 1]]))
+        prefetcher.candidates(1, planned[1])
+        if prefetcher.active(1):
+            for e in planned[1]:
+                prefetcher.issued(1, e)
         prefetcher.settle(1, {0, 1}, {0, 1}, counters)
-    assert prefetcher.enabled[1] is True and prefetcher.precision(1) >= 0.5
+
+    for _ in range(4):  # layer 1 keeps needing 0 and 1: every prediction is wrong
+        step()
+    assert prefetcher.active(1) is False and counters.prefetch_wasted == 8 and counters.prefetch_used == 0
+    predictor.experts = [0, 1]  # predictions become right: scored in the shadow, nothing fetched
+    step()
+    assert counters.prefetch_wasted == 8 and counters.prefetch_used == 0
+    for _ in range(4):
+        step()
+    assert prefetcher.active(1) is True and prefetcher.precision(1) >= 0.5 and counters.prefetch_used > 0
 
 
 def test_rank_unions_tokens_and_caps():
