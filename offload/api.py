@@ -70,8 +70,9 @@ class Runtime:
         self.config = cfg = self.checkpoint.config
         self.device = resolve_device(options.device)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)
-        self.model = self._build_model()
+        # Plan before loading anything: a budget that cannot work fails fast, with nothing allocated.
         self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype))
+        self.model = self._build_model()
         layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
         self._stats = RuntimeStats(ExpertStats(layers))
         if self.placement.mode == "resident":
