@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,11 +35,14 @@ from .placement import Placement
 from .prefetch import Prefetcher
 from .stats import ExpertStats
 
+# decide(missing experts of one layer step, as scheduler.ExpertWork) -> {expert: "fetch" | "cpu"}
+Decide = Callable[[list], dict[int, str]]
+
 
 class OffloadedExperts:
     def __init__(self, checkpoint, placement: Placement, device: torch.device, dtype: torch.dtype,
                  policy: str, split: str, stats: ExpertStats, io_threads: int = 4,
-                 prefetch: Prefetcher | None = None):
+                 prefetch: Prefetcher | None = None, decide: Decide | None = None):
         cfg = checkpoint.config
         self.layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
@@ -55,10 +59,18 @@ class OffloadedExperts:
         self.pool = SlotPool(placement.device_slots, *shape, device, dtype)
         self.cache = ExpertCache(placement.device_slots, make_policy(policy), self.layers, split)
         self.gpu = device.type == "cuda"
-        if self.gpu:
-            self.host_pool = SlotPool(placement.host_slots, *shape, torch.device("cpu"), dtype, pin=True)
+        # A host tier between disk and the compute slots: always with a GPU; on a CPU only when
+        # asked for (tests use it to run the tiered and CPU-expert paths without a GPU).
+        self.tiered = placement.host_slots > 0
+        # Which missing experts to compute on the CPU from the host tier instead of fetching them
+        # (offload/scheduler.py decides from a hardware profile); None: always fetch.
+        self.decide = decide if self.tiered else None
+        if self.tiered:
+            self.host_pool = SlotPool(placement.host_slots, *shape, torch.device("cpu"), dtype, pin=self.gpu)
             self.host_cache = ExpertCache(placement.host_slots, make_policy(policy), self.layers, split)
-            self.host_busy: set = set()  # host slots being filled or copied from
+            self.host_busy: set = set()  # host slots being filled, copied from or computed from
+            self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
+        if self.gpu:
             self.copy_stream = torch.cuda.Stream(device)
             # Per GPU slot: recorded on the compute stream after the last kernel that read it.
             self.slot_released: list[torch.cuda.Event | None] = [None] * placement.device_slots
@@ -81,16 +93,19 @@ class OffloadedExperts:
         for key in keys:
             self.cache.policy.access(key)
         present = [e for e in experts if (layer, e) in self.cache]
-        pending = deque(e for e in experts if (layer, e) not in self.cache)
+        missing = [e for e in experts if (layer, e) not in self.cache]
         counters.hits += len(present)
-        counters.misses += len(pending)
+        counters.misses += len(missing)
+        on_cpu = self._choose_cpu(layer, ids, missing) if self.decide is not None and missing else []
+        cpu_parts = self._start_cpu_experts(layer, hidden, ids, weights, on_cpu, counters)
+        pending = deque(e for e in missing if e not in cpu_parts)
         self._forget_finished_prefetches()
         # Nothing this step needs, and no speculative fetch still writing its slot, may be evicted.
         busy = set(keys) | set(self.prefetching)
         inflight: deque[tuple[int, int, Future]] = deque()
 
         def issue():
-            while pending and self.cache.can_admit((layer, pending[0]), busy):
+            while pending and self.cache.can_admit((layer, pending[0]), busy) and self._host_room((layer, pending[0])):
                 e = pending.popleft()
                 slot = self._admit((layer, e), busy)
                 inflight.append((e, slot, self._fetch(layer, e, slot)))
@@ -108,13 +123,69 @@ class OffloadedExperts:
             parts[e] = self._compute(hidden, ids, weights, e, self.cache.lookup((layer, e)))
             busy.discard((layer, e))
             issue()
-        while inflight:
+        while inflight or pending:
+            if not inflight:  # the host slots are held by CPU experts or prefetches: let one finish
+                if cpu_parts:
+                    self._collect_cpu(cpu_parts, parts, hidden.device, counters)
+                elif self.prefetching:
+                    next(iter(self.prefetching.values())).result()
+                    self._forget_finished_prefetches()
+                else:
+                    raise RuntimeError(f"layer {layer}: experts {list(pending)} can get no slot")  # a bug
+                issue()
+                continue
             e, slot, future = inflight.popleft()
             self._await(future, counters)
             parts[e] = self._compute(hidden, ids, weights, e, slot)
             busy.discard((layer, e))
             issue()
+        while cpu_parts:
+            self._collect_cpu(cpu_parts, parts, hidden.device, counters)
         return accumulate(hidden, parts)
+
+    # ---- experts computed on the CPU, where their weights already are ------------
+
+    def _choose_cpu(self, layer: int, ids: torch.Tensor, missing: list[int]) -> list[int]:
+        from .scheduler import ExpertWork
+
+        counts = torch.bincount(ids.flatten(), minlength=max(missing) + 1).tolist()
+        work = [ExpertWork(e, counts[e], "host" if (layer, e) in self.host_cache else "disk") for e in missing]
+        plan = self.decide(work)
+        return [e for e in missing if plan.get(e) == "cpu"]
+
+    def _start_cpu_experts(self, layer, hidden, ids, weights, on_cpu, counters) -> dict[int, Future]:
+        """Start the chosen experts on the CPU worker, as many as host slots allow (the rest are fetched)."""
+        if not on_cpu:
+            return {}
+        # One copy of the activations to the host for all of this layer's CPU experts.
+        host = [t.to("cpu") for t in (hidden, ids, weights)]
+        futures = {}
+        for e in on_cpu:
+            if not self._host_room((layer, e)):
+                continue
+            host_slot, from_disk = self._host_slot((layer, e), counters)
+            counters.experts_on_cpu += 1
+            future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, *host)
+            future.host_slot = host_slot
+            futures[e] = future
+        return futures
+
+    def _collect_cpu(self, cpu_parts: dict, parts: dict, device, counters) -> None:
+        e = next(iter(cpu_parts))
+        start = time.perf_counter()
+        future = cpu_parts.pop(e)
+        token, y = future.result()  # the CPU experts ran beside the device's work
+        counters.stall_seconds += time.perf_counter() - start
+        self._release(future)
+        parts[e] = (token.to(device), y.to(device))
+
+    def _cpu_expert(self, layer, expert, host_slot, from_disk, hidden, ids, weights):
+        """CPU worker thread: read the expert into its host slot if needed, then compute it there."""
+        gate_up, down = self.host_pool[host_slot]
+        if from_disk:
+            self._host_ready(host_slot)
+            self.reader.read(layer, expert, gate_up, down)
+        return contribution(hidden, ids, weights, expert, gate_up, down, self.act)
 
     def _admit(self, key, busy) -> int:
         slot, evicted = self.cache.admit(key, busy)
@@ -126,6 +197,7 @@ class OffloadedExperts:
         start = time.perf_counter()
         ready = future.result()  # compute waits for the I/O threads here and nowhere else
         counters.stall_seconds += time.perf_counter() - start
+        self._release(future)
         if self.gpu:
             torch.cuda.current_stream(self.device).wait_event(ready)  # kernels after the copy
 
@@ -158,6 +230,7 @@ class OffloadedExperts:
         for key, future in list(self.prefetching.items()):
             if future.done():
                 del self.prefetching[key]
+                self._release(future)
                 if self.gpu:
                     self.copy_done[key] = future.result()  # still needed to order the first use after the copy
 
@@ -174,33 +247,58 @@ class OffloadedExperts:
 
     def _fetch(self, layer: int, expert: int, slot: int) -> Future:
         counters = self.stats[layer]
-        if not self.gpu:
+        if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
             return self.io.submit(self.reader.read, layer, expert, *self.pool[slot])
-        key = (layer, expert)
+        host_slot, from_disk = self._host_slot((layer, expert), counters)
+        counters.bytes_to_device += self.expert_bytes
+        released = self.slot_released[slot] if self.gpu else None
+        future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released)
+        future.host_slot = host_slot  # released by the main thread once it has seen the result
+        return future
+
+    def _release(self, future: Future) -> None:
+        """Main thread, after `future` is done: its host slot may be reused."""
+        host_slot = getattr(future, "host_slot", None)
+        if host_slot is not None:
+            self.host_busy.discard(host_slot)
+
+    def _host_room(self, key) -> bool:
+        """Whether `key` has, or can get, a host slot now (always true without a host tier)."""
+        if not self.tiered or key in self.host_cache:
+            return True
+        return self.host_cache.can_admit(key, self._busy_host_keys())
+
+    def _busy_host_keys(self) -> set:
+        return {k for k, s in self.host_cache.slot_of.items() if s in self.host_busy}
+
+    def _host_slot(self, key, counters) -> tuple[int, bool]:
+        """Main thread: the expert's host slot, admitting it (to be read from disk) if absent."""
         self.host_cache.policy.access(key)
         host_slot = self.host_cache.lookup(key)
         from_disk = host_slot is None
         if from_disk:
-            busy_keys = {k for k, s in self.host_cache.slot_of.items() if s in self.host_busy}
-            host_slot, _ = self.host_cache.admit(key, busy_keys)
+            host_slot, _ = self.host_cache.admit(key, self._busy_host_keys())
             counters.bytes_from_disk += self.expert_bytes
-        counters.bytes_to_device += self.expert_bytes
         self.host_busy.add(host_slot)
-        released = self.slot_released[slot]
-        future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released)
-        future.add_done_callback(lambda _: self.host_busy.discard(host_slot))
-        return future
+        return host_slot, from_disk
 
-    def _to_device(self, layer, expert, slot, host_slot, from_disk, released) -> torch.cuda.Event:
-        """I/O thread: disk -> pinned host slot (if needed), then host -> GPU slot on the copy stream."""
+    def _host_ready(self, host_slot: int) -> None:
+        previous = self.host_copied[host_slot] if self.gpu else None
+        if previous is not None:
+            previous.synchronize()  # an earlier copy out of this host slot must finish before we overwrite it
+
+    def _to_device(self, layer, expert, slot, host_slot, from_disk, released):
+        """I/O thread: disk -> host slot (if needed), then host -> compute slot (on the copy stream on a GPU)."""
         host_gate_up, host_down = self.host_pool[host_slot]
         if from_disk:
-            previous = self.host_copied[host_slot]
-            if previous is not None:
-                previous.synchronize()  # an earlier copy out of this host slot must finish before we overwrite it
+            self._host_ready(host_slot)
             self.reader.read(layer, expert, host_gate_up, host_down)
         gate_up, down = self.pool[slot]
+        if not self.gpu:
+            gate_up.copy_(host_gate_up)
+            down.copy_(host_down)
+            return None
         with torch.cuda.stream(self.copy_stream):
             if released is not None:
                 self.copy_stream.wait_event(released)  # the slot's last reader has run
@@ -213,4 +311,6 @@ class OffloadedExperts:
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
+        if self.tiered:
+            self.cpu_worker.shutdown(wait=True)
         self.reader.close()

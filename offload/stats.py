@@ -44,6 +44,7 @@ class ExpertCounters:
     prefetch_issued: int = 0  # experts of this layer fetched ahead on a prediction
     prefetch_used: int = 0  # ... that the layer then requested while still cached
     prefetch_wasted: int = 0  # ... that it did not
+    experts_on_cpu: int = 0  # missing experts computed on the CPU from host RAM instead of fetched
 
     @property
     def hit_rate(self) -> float:

@@ -1,0 +1,79 @@
+"""The tiered engine (host tier between disk and compute slots, as on a GPU) and
+experts computed on the CPU from the host tier: exact whatever is decided.
+On this CPU-only machine the "device" slots are RAM too, so the arithmetic is
+identical and outputs are bit-exact; only the CUDA stream/event ordering is
+left to the gpu-marked tests."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import offload
+from offload.engine import OffloadedExperts
+
+PROMPT = [1, 30, 31, 32, 33, 34]
+
+
+def tiered(llm, device_slots, host_slots, decide=None):
+    placement = dataclasses.replace(llm.placement, mode="offloaded", device_slots=device_slots,
+                                    host_slots=host_slots)
+    llm.stats.experts.reset()
+    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.dtype, "lru", "layer",
+                              llm.stats.experts, decide=decide)
+    llm.model.set_executor(engine)
+    llm.experts = engine
+    return llm
+
+
+@pytest.fixture
+def pair(model_dir):
+    path = model_dir("mixtral", num_hidden_layers=3, num_local_experts=8)
+    return offload.load(path, device="cpu"), offload.load(path, device="cpu")
+
+
+def run(llm, ids):
+    return llm.logits(ids), llm.generate(PROMPT, max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("host_slots", [8, 24])  # a third of the experts, or all of them
+@pytest.mark.parametrize("decide", ["fetch", "cpu", "mixed"])
+def test_every_decision_matches_resident(pair, host_slots, decide):
+    resident, llm = pair
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(8))
+    expected = run(resident, ids)
+    rule = {"fetch": lambda w: "fetch", "cpu": lambda w: "cpu",
+            "mixed": lambda w: "cpu" if w.expert % 2 else "fetch"}[decide]
+    tiered(llm, device_slots=6, host_slots=host_slots, decide=lambda work: {w.expert: rule(w) for w in work})
+    logits, tokens = run(llm, ids)
+    assert torch.equal(logits, expected[0]) and tokens == expected[1]
+    stats = llm.stats
+    assert stats.misses > 0 and stats.bytes_from_disk > 0
+    if decide == "fetch":
+        assert stats.experts_on_cpu == 0 and stats.bytes_to_device > 0
+    elif decide == "cpu" and host_slots == 24:
+        assert stats.experts_on_cpu == stats.misses and stats.bytes_to_device == 0
+    elif decide == "cpu":  # 8 host slots cannot hold a prefill's experts at once: the rest are fetched
+        assert 0 < stats.experts_on_cpu < stats.misses
+    else:
+        assert 0 < stats.experts_on_cpu < stats.misses and stats.bytes_to_device > 0
+    if host_slots == 24:  # the host tier holds everything: each expert is read from disk once at most
+        assert stats.bytes_from_disk <= 24 * llm.placement.expert_bytes
+    llm.close()
+
+
+def test_the_decision_sees_token_counts_and_where_weights_are(pair):
+    _, llm = pair
+    seen = []
+
+    def decide(work):
+        seen.extend(work)
+        return {w.expert: "fetch" for w in work}
+
+    tiered(llm, device_slots=6, host_slots=24, decide=decide)
+    llm.logits(torch.randint(3, 300, (1, 32), generator=torch.Generator().manual_seed(9)))  # prefill
+    assert any(w.tokens > 1 for w in seen) and {w.where for w in seen} == {"disk"}
+    seen.clear()
+    llm.generate(PROMPT, max_new_tokens=8)
+    assert any(w.where == "host" for w in seen)  # evicted from the slots, still in host RAM
+    llm.close()
