@@ -100,14 +100,16 @@ class OffloadedExperts:
         cpu_parts = self._start_cpu_experts(layer, hidden, ids, weights, on_cpu, counters)
         pending = deque(e for e in missing if e not in cpu_parts)
         self._forget_finished_prefetches()
-        # Nothing this step needs, and no speculative fetch still writing its slot, may be evicted.
-        busy = set(keys) | set(self.prefetching)
+        needed = set(keys)  # what this step has yet to compute
         inflight: deque[tuple[int, int, Future]] = deque()
 
+        def busy() -> set:  # never evict what this step still needs, nor a slot a prefetch is writing
+            return needed | set(self.prefetching)
+
         def issue():
-            while pending and self.cache.can_admit((layer, pending[0]), busy) and self._host_room((layer, pending[0])):
+            while pending and self.cache.can_admit((layer, pending[0]), busy()) and self._host_room((layer, pending[0])):
                 e = pending.popleft()
-                slot = self._admit((layer, e), busy)
+                slot = self._admit((layer, e), busy())
                 inflight.append((e, slot, self._fetch(layer, e, slot)))
 
         parts = {}
@@ -117,17 +119,17 @@ class OffloadedExperts:
             self.prefetch.settle(self.pos[layer], set(experts), set(present), counters)
             for target, wanted in self.prefetch.plan(self.pos[layer], hidden, self.tokens, chosen).items():
                 target_layer = self.layers[target]
-                self._prefetch(target_layer, wanted, busy, self.stats[target_layer])
+                self._prefetch(target_layer, wanted, busy(), self.stats[target_layer])
         for e in present:
             self._await_prefetch((layer, e), counters)
             parts[e] = self._compute(hidden, ids, weights, e, self.cache.lookup((layer, e)))
-            busy.discard((layer, e))
+            needed.discard((layer, e))
             issue()
         while inflight or pending:
             if not inflight:  # the host slots are held by CPU experts or prefetches: let one finish
                 if cpu_parts:
                     self._collect_cpu(cpu_parts, parts, hidden.device, counters)
-                elif self.prefetching:
+                elif self.prefetching:  # wrong guesses still being read into this layer's slots
                     next(iter(self.prefetching.values())).result()
                     self._forget_finished_prefetches()
                 else:
@@ -137,7 +139,7 @@ class OffloadedExperts:
             e, slot, future = inflight.popleft()
             self._await(future, counters)
             parts[e] = self._compute(hidden, ids, weights, e, slot)
-            busy.discard((layer, e))
+            needed.discard((layer, e))
             issue()
         while cpu_parts:
             self._collect_cpu(cpu_parts, parts, hidden.device, counters)

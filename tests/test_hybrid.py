@@ -77,3 +77,36 @@ def test_the_decision_sees_token_counts_and_where_weights_are(pair):
     llm.generate(PROMPT, max_new_tokens=8)
     assert any(w.where == "host" for w in seen)  # evicted from the slots, still in host RAM
     llm.close()
+
+
+def test_wrong_prefetches_still_in_flight_never_block_a_layer(pair, monkeypatch):
+    """Every slot of a layer taken by slow, wrong prefetches: the layer waits for them, then evicts them."""
+    import time
+
+    import numpy as np
+
+    from offload.predictors.base import Predictor
+    from offload.prefetch import Prefetcher
+
+    class Wrong(Predictor):  # predicts the two experts the next layer is least likely to use
+        def scores(self, pos, hidden, token_ids, chosen):
+            return {pos + 1: -np.asarray(chosen.shape[0] * [np.arange(8.0)])} if pos + 1 < 3 else {}
+
+    resident, llm = pair
+    expected = resident.generate(PROMPT, max_new_tokens=16).token_ids
+    placement = dataclasses.replace(llm.placement, mode="offloaded", device_slots=6, host_slots=0)
+    llm.stats.experts.reset()
+    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.dtype, "lru", "layer", llm.stats.experts,
+                              prefetch=Prefetcher(Wrong(), top_k=2, limit=2, threshold=0.0))
+    slow_read = engine.reader.read
+
+    def read(*args):
+        time.sleep(0.01)  # prefetches are still running when their target layer starts
+        return slow_read(*args)
+
+    monkeypatch.setattr(engine.reader, "read", read)
+    llm.model.set_executor(engine)
+    llm.experts = engine
+    assert llm.generate(PROMPT, max_new_tokens=16).token_ids == expected
+    assert llm.stats.prefetch_issued > 0 and llm.stats.prefetch_wasted > 0
+    llm.close()
