@@ -7,9 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = """
-import importlib.util, sys, offload, offload.cache, offload.predictors, offload.cli
+import importlib.util, sys, offload, offload.cache, offload.predictors, offload.cli, offload.profiles
 assert offload.__file__.startswith(sys.argv[1]), offload.__file__
-for name in ("cache", "predictors", "cli", "models"):
+for name in ("cache", "predictors", "cli", "models", "profiles"):
     assert importlib.util.find_spec(name) is None, name
 print("ok")
 """
@@ -36,7 +36,8 @@ def test_built_wheel_has_one_root(tmp_path):
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"offload", wheel.name.split("-py3")[0] + ".dist-info"}, tops
-    for module in ("offload/cli.py", "offload/cache/__init__.py", "offload/predictors/__init__.py"):
+    for module in ("offload/cli.py", "offload/cache/__init__.py", "offload/predictors/__init__.py",
+                   "offload/profiles/colab-t4.toml"):
         assert module in names
     assert "offload = offload.cli:main" in entry_points
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
