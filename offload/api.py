@@ -66,6 +66,7 @@ class Runtime:
 
     def __init__(self, path: Path, options: RuntimeConfig):
         self.path, self.options = path, options
+        self.profile = self._load_profile(options.profile)  # a HardwareProfile, or None
         self.checkpoint = Checkpoint(path)
         self.config = cfg = self.checkpoint.config
         self.device = resolve_device(options.device)
@@ -80,7 +81,8 @@ class Runtime:
         else:
             self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.dtype,
                                             options.cache_policy, options.cache_split, self._stats.experts,
-                                            prefetch=self._prefetcher(options.predictor))
+                                            prefetch=self._prefetcher(options.predictor),
+                                            decide=self._decider(self.profile))
         self.checkpoint.close()  # resident weights are copied; experts are read by pread from here on
         self.model.set_executor(self.experts)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
@@ -122,6 +124,25 @@ class Runtime:
         else:
             predictor = AffinityPredictor(layers, cfg.num_experts, cfg.vocab_size)  # learns online
         return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k)
+
+    def _load_profile(self, profile):
+        if profile is None:
+            return None
+        from .profile import cached_profile, load_profile
+
+        return cached_profile(self.path) if profile == "auto" else load_profile(profile)
+
+    def _decider(self, profile):
+        """With a hardware profile, the scheduler decides which missing experts run on the CPU
+        (only where a separate host tier exists, i.e. with a GPU)."""
+        if profile is None:
+            return None
+        from .scheduler import CostModel, decider
+
+        cfg = self.config
+        cost = CostModel(self.profile, cfg.hidden_size, cfg.moe_intermediate_size,
+                         weight_bytes=torch.empty((), dtype=self.dtype).element_size())
+        return decider(cost)
 
     def _eos_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)

@@ -267,3 +267,14 @@ def _greedy(sizes: list[int], plan_for) -> Plan:
 def _is_hit(w: ExpertWork, cost: CostModel) -> bool:
     # On a CPU-only machine host RAM is the slot tier, so a host expert is already where it runs.
     return w.where == "device" or (cost.cpu_only and w.where == "host")
+
+
+def decider(cost: CostModel, exact_up_to: int = 6):
+    """The engine's hook: missing experts of one layer step -> {expert: "fetch" | "cpu"}.
+    Exact search for a few misses (decode), greedy beyond (prefill), to stay cheap per layer."""
+
+    def decide(work: list[ExpertWork]) -> dict:
+        search = "auto" if len(work) <= exact_up_to else "greedy"
+        return schedule(work, cost, allow_cpu=True, search=search).assignment
+
+    return decide

@@ -110,3 +110,29 @@ def test_wrong_prefetches_still_in_flight_never_block_a_layer(pair, monkeypatch)
     assert llm.generate(PROMPT, max_new_tokens=16).token_ids == expected
     assert llm.stats.prefetch_issued > 0 and llm.stats.prefetch_wasted > 0
     llm.close()
+
+
+def test_scheduler_sends_decode_misses_to_the_cpu_and_prefill_to_the_device(pair):
+    from offload.profile import load_profile
+    from offload.scheduler import CostModel, decider
+
+    resident, llm = pair
+    prompt = list(range(1, 101))  # prefill: about 25 tokens per expert
+    expected = resident.generate(prompt, max_new_tokens=12).token_ids
+    cfg = llm.config
+    # rtx3060 profile, fp32 weights: per expert, CPU time 6HIn / min(240, 30n) GFLOP/s against a copy
+    # of 12HI bytes at 25 GB/s: the CPU wins below n = 20 tokens, the copy above.
+    cost = CostModel(load_profile("rtx3060-12g"), cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=4)
+    decisions = []
+
+    def decide(work):
+        plan = decider(cost)(work)
+        decisions.extend((w.tokens, plan[w.expert]) for w in work)
+        return plan
+
+    tiered(llm, device_slots=6, host_slots=24, decide=decide)
+    assert llm.generate(prompt, max_new_tokens=12).token_ids == expected
+    assert any(action == "cpu" for tokens, action in decisions if tokens == 1)  # decode: move activations
+    assert any(action == "fetch" for tokens, action in decisions if tokens >= 20)  # prefill: move weights
+    assert llm.stats.experts_on_cpu > 0 and llm.stats.bytes_to_device > 0
+    llm.close()
