@@ -191,7 +191,7 @@ class Runtime:
         if ids.dim() != 2:
             raise OffloadError(f"input_ids must be [batch, tokens]; got shape {tuple(ids.shape)}")
         cfg = self.config
-        check_prompts(ids.tolist(), cfg.vocab_size, cfg.max_position_embeddings + 1)
+        check_prompts(ids.tolist(), cfg.vocab_size, cfg.max_position_embeddings, room=0)
         b, t = ids.shape
         cache = KVCache(cfg.num_layers, b, cfg.num_kv_heads, cfg.head_dim, t, self.device, self.dtype)
         positions = torch.arange(t, device=self.device).expand(b, t)

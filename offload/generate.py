@@ -20,13 +20,14 @@ from .stats import GenerationStats
 from .tokenizer import Tokenizer
 
 
-def check_prompts(prompts: list[list[int]], vocab_size: int, context: int) -> None:
+def check_prompts(prompts: list[list[int]], vocab_size: int, context: int, room: int = 1) -> None:
+    """Non-empty, in the vocabulary, and leaving `room` tokens of the context (1 to generate; 0 to score)."""
     for row, ids in enumerate(prompts):
         if not ids:
             raise OffloadError("the prompt is empty; give at least one token")
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise OffloadError(f"prompt {row} has token ids outside the vocabulary (0..{vocab_size - 1})")
-        if len(ids) >= context:
+        if len(ids) + room > context:
             raise OffloadError(
                 f"the prompt is {len(ids)} tokens but the model's context is {context}; "
                 "shorten it (in chat, /reset starts a new conversation)"
