@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .errors import OffloadError
