@@ -136,3 +136,18 @@ def test_scheduler_sends_decode_misses_to_the_cpu_and_prefill_to_the_device(pair
     assert any(action == "fetch" for tokens, action in decisions if tokens >= 20)  # prefill: move weights
     assert llm.stats.experts_on_cpu > 0 and llm.stats.bytes_to_device > 0
     llm.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_with_cpu_experts_matches_resident(model_dir):
+    path = model_dir("mixtral", num_hidden_layers=3, num_local_experts=8)
+    resident = offload.load(path, device="cuda")
+    per_expert = resident.placement.expert_bytes
+    llm = offload.load(path, device="cuda", gpu_memory=resident.placement.resident_bytes + 6 * per_expert,
+                       cpu_memory=24 * per_expert, profile="rtx3060-12g")
+    ids = torch.randint(3, 300, (1, 100), generator=torch.Generator().manual_seed(10))
+    # CPU and GPU kernels round differently: close, not bit-equal
+    assert (llm.logits(ids) - resident.logits(ids)).abs().max().item() <= 1e-4
+    assert llm.generate(PROMPT, max_new_tokens=12).token_ids == resident.generate(PROMPT, max_new_tokens=12).token_ids
+    assert llm.stats.experts_on_cpu > 0
