@@ -3,12 +3,15 @@ a GPU, through a pinned host tier) into a fixed pool of compute-side slots.
 
 Per layer step, for the experts the router picked:
   1. record the requests with the cache policy; split them into present and missing;
-  2. start fetching missing experts into free (or evicted) slots on the I/O
-     thread pool, as many as the slots allow without evicting anything this
-     step still needs;
-  3. compute the present experts while those fetches run, then each fetched
-     expert in arrival order, starting new fetches as slots free up;
-  4. add the contributions in ascending expert order (bit-identical to the
+  2. with a host tier and a `decide` hook (a hardware profile's scheduler), start
+     the missing experts it assigns to the CPU on the CPU worker, from host RAM;
+  3. start fetching the other missing experts into free (or evicted) slots on
+     the I/O thread pool, as many as the slots allow without evicting anything
+     this step still needs, then prefetch what the predictor expects next;
+  4. compute the present experts while those fetches run, then each fetched
+     expert in arrival order, starting new fetches as slots free up, then
+     collect the CPU experts;
+  5. add the contributions in ascending expert order (bit-identical to the
      resident model, whatever order they were computed in).
 
 On a CPU the compute slots are the RAM cache and a fetch is a disk read. On a
