@@ -432,7 +432,7 @@ def write_card(out_dir: Path, files: list[str], m: dict, notes: str | None):
     hist = "\n".join(f"| {h['step']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} | {100 * h['min_usage']:.1f}% | {h['lr']:.2e} | {h['elapsed_min']:.1f} |"
                      for h in m["history"])
     card = f"""---
-license: mit
+license: apache-2.0
 library_name: transformers
 pipeline_tag: text-generation
 tags: [mixtral, moe, demo, tiny-shakespeare]
