@@ -147,16 +147,19 @@ def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per configuration; medians are shown.")
 @click.option("--predictors", default="none,gate", show_default=True,
               help="Comma-separated predictors to run the offloaded cases with.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Text file, one prompt per line (default: random token ids).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
-def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, json_out):
+def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts_file, json_out):
     """Time MODEL resident, with half the experts cached, and with a quarter in RAM and the rest on disk."""
     import json
     from dataclasses import asdict
 
     from offload.bench import bench as run_bench
 
+    prompts = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()] if prompts_file else None
     results = run_bench(model, device, prompt_tokens, new_tokens, repeats, tuple(predictors.split(",")),
-                        echo=click.echo)
+                        prompts, echo=click.echo)
     if json_out:
         tmp = json_out + ".tmp"
         with open(tmp, "w") as f:

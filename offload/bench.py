@@ -164,7 +164,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int) -> CaseResult:
+def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
+             prompts: list[str] | None = None) -> CaseResult:
     import offload
 
     baseline_rss = peak_rss()
@@ -174,7 +175,10 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
     rng = np.random.default_rng(0)
     runs = []
     for r in range(repeats):
-        prompt = rng.integers(3, llm.config.vocab_size, prompt_tokens).tolist()
+        if prompts:  # real text routes like real use; random ids (synthetic models) do not
+            prompt = llm.tokenizer.encode(prompts[r % len(prompts)])[:prompt_tokens]
+        else:
+            prompt = rng.integers(3, llm.config.vocab_size, prompt_tokens).tolist()
         before = llm.stats.experts.total()
         result = llm.generate(prompt, max_new_tokens=new_tokens)
         after = llm.stats.experts.total()
@@ -210,9 +214,10 @@ def _enter_cgroup(limit: int) -> str:
     return str(group)
 
 
-def run_child(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int) -> CaseResult:
+def run_child(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
+              prompts: list[str] | None = None) -> CaseResult:
     payload = json.dumps(dict(model=model, case=asdict(case), prompt_tokens=prompt_tokens,
-                              new_tokens=new_tokens, repeats=repeats))
+                              new_tokens=new_tokens, repeats=repeats, prompts=prompts))
     group = None
     if case.memory_limit:
         group = _enter_cgroup(case.memory_limit)
@@ -270,11 +275,12 @@ def default_cases(model: str, device: str, predictors=("none", "gate")) -> tuple
 
 
 def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
-          predictors=("none", "gate"), echo=print) -> list[CaseResult]:
+          predictors=("none", "gate"), prompts: list[str] | None = None, echo=print) -> list[CaseResult]:
     cases, info = default_cases(model, device, predictors)
     echo(f"model {model}: {info['total_experts']} experts x {fmt_bytes(info['expert_bytes'])}, "
          f"other weights {fmt_bytes(info['resident_bytes'])}; {prompt_tokens}-token prompt, {new_tokens} new "
-         f"tokens, median of {repeats}; torch threads {torch.get_num_threads()}")
+         f"tokens, median of {repeats}; torch threads {torch.get_num_threads()}; "
+         f"prompts: {'text' if prompts else 'random token ids'}")
     if info["limit"] is None:
         echo("(no cgroup-v1 memory controller here: case c runs unconfined, the page cache may hide the disk)")
     cold_bw = None
@@ -286,7 +292,7 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
                 cold_bw = read_bandwidth(info["files"], limit=512 << 20)
                 drop_from_page_cache(info["files"])
         echo(f"  running {case.name} ...")
-        results.append(run_child(model, case, prompt_tokens, new_tokens, repeats))
+        results.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts))
     warm_bw = read_bandwidth(info["files"], limit=512 << 20)  # files now in the page cache: a RAM-to-RAM copy
     base = results[0]
     echo("")
@@ -319,7 +325,8 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
 def _child_main(payload: str) -> None:
     args = json.loads(payload)
     case = Case(**args["case"])
-    result = run_case(args["model"], case, args["prompt_tokens"], args["new_tokens"], args["repeats"])
+    result = run_case(args["model"], case, args["prompt_tokens"], args["new_tokens"], args["repeats"],
+                      args.get("prompts"))
     print(json.dumps(asdict(result)))
 
 
