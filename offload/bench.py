@@ -293,7 +293,8 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
                 drop_from_page_cache(info["files"])
         echo(f"  running {case.name} ...")
         results.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts))
-    warm_bw = read_bandwidth(info["files"], limit=512 << 20)  # files now in the page cache: a RAM-to-RAM copy
+    read_bandwidth(info["files"], limit=512 << 20)  # bring these bytes into the page cache...
+    warm_bw = read_bandwidth(info["files"], limit=512 << 20)  # ...then time a RAM-to-RAM copy of them
     base = results[0]
     echo("")
     echo(f"{'case':40} {'tok/s':>7} {'ratio':>6} {'TTFT s':>7} {'hit':>5} {'MB disk/tok':>11} "
