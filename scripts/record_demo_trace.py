@@ -17,7 +17,6 @@ sequence, so the trace has num_sequences * seq_len tokens (bos included).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_demo_model import sha256  # noqa: E402  (one checksum helper for the model card and the trace)
 FORMAT = "offload-trace/1"
 
 
@@ -48,14 +49,6 @@ def parse_args(argv=None):
 def resolve(path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else (REPO_ROOT / p).resolve()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes):
