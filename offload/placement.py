@@ -80,6 +80,8 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
     layers = sum(cfg.sparse_layers)
     total = layers * cfg.num_experts
     minimum = cfg.top_k * layers  # top_k slots per layer: one token's experts for every layer
+    # Split per layer, slots come in equal shares: allocate no remainder that no layer could use.
+    unit = layers if options.cache_split == "layer" else 1
     common = dict(device_type=device.type, expert_bytes=per_expert, total_experts=total, sparse_layers=layers,
                   resident_bytes=resident_bytes)
 
@@ -88,7 +90,7 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         measured = budget is None
         if measured:
             budget = psutil.virtual_memory().available - resident_bytes - HOST_MARGIN
-        slots = min(total, max(0, budget) // per_expert)
+        slots = min(total, max(0, budget) // per_expert) // unit * unit
         if measured and slots >= total:
             return Placement("resident", device_slots=total, host_slots=0, **common)
         _check(slots, minimum, per_expert, "cpu_memory", 0, measured, budget)
@@ -101,14 +103,14 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         gpu_budget = free - DEVICE_MARGIN
     if options.gpu_memory is not None and options.gpu_memory > free:
         raise OffloadError(f"gpu_memory={fmt_bytes(options.gpu_memory)} but only {fmt_bytes(free)} is free on {device}")
-    device_slots = min(total, max(0, gpu_budget - resident_bytes) // per_expert)
+    device_slots = min(total, max(0, gpu_budget - resident_bytes) // per_expert) // unit * unit
     if gpu_measured and options.cpu_memory is None and device_slots >= total:
         return Placement("resident", device_slots=total, host_slots=0, **common)
     _check(device_slots, minimum, per_expert, "gpu_memory", resident_bytes, gpu_measured, gpu_budget)
     host_budget = options.cpu_memory
     if host_budget is None:
         host_budget = psutil.virtual_memory().available - resident_bytes - HOST_MARGIN
-    host_slots = min(total, max(0, host_budget) // per_expert)
+    host_slots = min(total, max(0, host_budget) // per_expert) // unit * unit
     _check(host_slots, minimum, per_expert, "cpu_memory", 0, options.cpu_memory is None, host_budget)
     return Placement("offloaded", device_slots=device_slots, host_slots=host_slots, **common)
 
