@@ -69,6 +69,27 @@ def main():
         print(f"{n:6d} {flops:11.1f} GF/s {6 * h * i * n / bare / 1e9:9.1f} GF/s "
               f"{weight_bytes / full / 1e9:16.1f} {100 * weight_bytes / full / read_bw:11.0f}% "
               f"{100 * flops / peak:13.0f}%")
+    layouts(h, i, dtype, count)
+
+
+def layouts(h: int, i: int, dtype, count: int):
+    """At 1 token, the same gate_up matvec over the weight layouts a CPU path could keep."""
+    w = [(torch.randn(2 * i, h) * 0.02).to(dtype) for _ in range(count)]
+    wt = [m.t().contiguous() for m in w]
+    x = torch.randn(1, h).to(dtype)
+    out = torch.empty(1, 2 * i, dtype=dtype)
+    turn = iter(range(1 << 62))
+    pick = lambda: next(turn) % count  # noqa: E731
+    ways = {
+        "F.linear, W [2I, H] (the runtime's)": lambda: F.linear(x, w[pick()]),
+        "same, into a preallocated out=": lambda: torch.mm(x, w[pick()].t(), out=out),
+        "x @ W^T, W^T [H, 2I] contiguous": lambda: torch.mm(x, wt[pick()]),
+        "torch.mv(W, x)": lambda: torch.mv(w[pick()], x[0]),
+    }
+    nbytes = w[0].numel() * w[0].element_size()
+    print("\ngate_up matvec at 1 token, by weight layout:")
+    for name, fn in ways.items():
+        print(f"  {name:38} {nbytes / median_seconds(fn, 40) / 1e9:5.1f} GB/s")
 
 
 if __name__ == "__main__":
