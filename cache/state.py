@@ -22,6 +22,7 @@ class ExpertCache:
         self.policy, self.split = policy, split
         self.num_slots = num_slots
         self.slot_of: dict[ExpertId, int] = {}
+        self.key_of: dict[int, ExpertId] = {}  # the reverse map
         if split == "layer":
             share = num_slots // len(layers)
             self.free = {layer: list(range(i * share, (i + 1) * share))[::-1] for i, layer in enumerate(layers)}
@@ -45,7 +46,14 @@ class ExpertCache:
 
     def can_admit(self, key: ExpertId, busy: Iterable[ExpertId]) -> bool:
         group = self._group(key)
-        return bool(self.free[group]) or bool(self.members[group] - set(busy))
+        if self.free[group]:
+            return True
+        members = self.members[group]
+        # O(busy), not O(members): a global pool may hold thousands of experts.
+        return len(members) > sum(1 for k in set(busy) if k in members)
+
+    def key_at(self, slot: int) -> ExpertId | None:
+        return self.key_of.get(slot)
 
     def admit(self, key: ExpertId, busy: Iterable[ExpertId] = ()) -> tuple[int, ExpertId | None]:
         """Give `key` a slot, evicting the policy's victim among non-busy members if full.
@@ -63,12 +71,14 @@ class ExpertCache:
             self.evict(evicted)
         slot = self.free[group].pop()
         self.slot_of[key] = slot
+        self.key_of[slot] = key
         self.members[group].add(key)
         self.policy.insert(key)
         return slot, evicted
 
     def evict(self, key: ExpertId) -> None:
         slot = self.slot_of.pop(key)
+        del self.key_of[slot]
         group = self._group(key)
         self.members[group].discard(key)
         self.free[group].append(slot)

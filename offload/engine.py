@@ -275,7 +275,7 @@ class OffloadedExperts:
         return self.host_cache.can_admit(key, self._busy_host_keys())
 
     def _busy_host_keys(self) -> set:
-        return {k for k, s in self.host_cache.slot_of.items() if s in self.host_busy}
+        return {self.host_cache.key_at(s) for s in self.host_busy} - {None}
 
     def _host_slot(self, key, counters) -> tuple[int, bool]:
         """Main thread: the expert's host slot, admitting it (to be read from disk) if absent."""
