@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offload.errors import OffloadError
+
 from .base import Predictor
 
 FILENAME = "predictor.safetensors"
@@ -45,8 +47,6 @@ class LearnedPredictor(Predictor):
     def train(cls, trace, lookahead: int = 1, epochs: int = 30, lr: float = 1e-2, seed: int = 0,
               weight_decay: float = 1e-4) -> "LearnedPredictor":
         if trace.hidden is None:
-            from offload.errors import OffloadError
-
             raise OffloadError("this trace has no hidden states; record it with `offload trace ... --hidden`")
         gen = torch.Generator().manual_seed(seed)
         weights = {}
@@ -95,8 +95,6 @@ class LearnedPredictor(Predictor):
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                from offload.errors import OffloadError
-
                 raise OffloadError(f"{path} is not an offload predictor (format {meta.get('format')!r})")
             weights = {}
             for name in f.keys():

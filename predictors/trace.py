@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from offload.errors import OffloadError
+
 FORMAT = "offload-trace/1"
 
 
@@ -75,14 +77,10 @@ def load_trace(path: str | os.PathLike) -> Trace:
     path = Path(path)
     header_path, data_path = path / "header.json", path / "trace.safetensors"
     if not header_path.exists() or not data_path.exists():
-        from offload.errors import OffloadError
-
         raise OffloadError(f"{path} is not a trace directory (it needs header.json and trace.safetensors); "
                            "record one with `offload trace MODEL --prompts FILE --out DIR`")
     header = json.loads(header_path.read_text())
     if header.get("format") != FORMAT:
-        from offload.errors import OffloadError
-
         raise OffloadError(f"{path}: trace format {header.get('format')!r}, expected {FORMAT!r}")
     t = load_file(str(data_path))
     return Trace(t["token_ids"].astype(np.int64), t["topk_ids"].astype(np.int64), t["topk_probs"],
@@ -96,8 +94,6 @@ def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
 
     path = Path(path)
     if path.exists() and any(path.iterdir()):
-        from offload.errors import OffloadError
-
         raise OffloadError(f"{path} already exists and is not empty; choose another --out")
     tensors = {
         "token_ids": trace.token_ids.astype(np.int32),
