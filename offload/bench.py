@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache.store import drop_from_page_cache, read_bandwidth
 from .placement import fmt_bytes
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
@@ -114,39 +115,6 @@ def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, int
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(path)
     return path
-
-
-# ---- bandwidths -------------------------------------------------------------
-
-def drop_from_page_cache(files) -> None:
-    """Ask the kernel to forget these files' cached pages (clean pages go; no root needed)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def read_bandwidth(files, limit: int = 1 << 30, chunk: int = 16 << 20) -> float:
-    """Bytes per second reading up to `limit` bytes of `files` into one reused buffer."""
-    buf = np.empty(chunk, dtype=np.uint8)
-    done, start = 0, time.perf_counter()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            offset = 0
-            while done < limit:
-                n = os.preadv(fd, [buf], offset)
-                if n <= 0:
-                    break
-                offset += n
-                done += n
-        finally:
-            os.close(fd)
-        if done >= limit:
-            break
-    return done / (time.perf_counter() - start)
 
 
 # ---- one case, in a child process --------------------------------------------

@@ -292,22 +292,16 @@ def _disk_bandwidth(model_dir, read_bytes: int) -> tuple[float, str]:
             tmp.flush()
             os.fsync(tmp.fileno())  # dirty pages cannot be dropped: write them out first
         files = [Path(tmp.name)]
-    fds = [os.open(path, os.O_RDONLY) for path in files]
+    from .cache.store import drop_from_page_cache, read_bandwidth  # here: this module stays torch-free
+
     try:
-        for fd in fds:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        done, buf = 0, bytearray(8 * MiB)
-        start = time.perf_counter()
-        for fd in fds:
-            while done < read_bytes and (got := os.readv(fd, [buf])):
-                done += got
-        seconds = time.perf_counter() - start
+        drop_from_page_cache(files)
+        rate = read_bandwidth(files, limit=read_bytes, chunk=8 * MiB)
+        done = min(read_bytes, sum(f.stat().st_size for f in files))
     finally:
-        for fd in fds:
-            os.close(fd)
         if tmp is not None:
             os.unlink(tmp.name)
-    return done / seconds, f"{done / MiB:.0f} MiB of " + ("a temp file here" if tmp is not None else str(model_dir))
+    return rate, f"{done / MiB:.0f} MiB of " + ("a temp file here" if tmp is not None else str(model_dir))
 
 
 def _cpu_name() -> str:

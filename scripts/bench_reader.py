@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from offload.bench import drop_from_page_cache, make_synthetic_mixtral
+from offload.bench import make_synthetic_mixtral
+from offload.cache.store import drop_from_page_cache
 from offload.cache.store import ExpertReader, SlotPool
 from offload.checkpoint import Checkpoint
 
