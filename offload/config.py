@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import OffloadError
+from .experts import ACT
 from .models.family import Family
 
 DTYPES = {
@@ -19,7 +20,6 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 ROPE_TYPES = ("default", "linear")
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 
 
 def _dtype_name(value) -> str:
@@ -70,8 +70,8 @@ class ModelConfig:
             )
         if not 0 < self.top_k <= self.num_experts:
             raise OffloadError(f"num_experts_per_tok={self.top_k} must be in 1..num_experts={self.num_experts}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise OffloadError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        if self.hidden_act not in ACT:
+            raise OffloadError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACT)}")
         if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
             raise OffloadError("per-layer settings do not match num_hidden_layers")
 

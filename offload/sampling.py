@@ -58,9 +58,9 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            sorted_probs = sorted_logits.softmax(dim=-1)
             # Drop a token when the mass before it already reaches top_p (the first token always stays).
-            drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= p.top_p
+            drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p.top_p
             drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
