@@ -74,8 +74,7 @@ class Runtime:
         # Plan before loading anything: a budget that cannot work fails fast, with nothing allocated.
         self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype))
         self.model = self._build_model()
-        layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
-        self._stats = RuntimeStats(ExpertStats(layers))
+        self._stats = RuntimeStats(ExpertStats(cfg.moe_layers))
         if self.placement.mode == "resident":
             self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype, self._stats.experts)
         else:
@@ -229,8 +228,7 @@ class Runtime:
         from .predictors.trace import TraceRecorder
 
         rows = [self._as_ids(s) for s in sequences]
-        layers = [i for i, sparse in enumerate(self.config.sparse_layers) if sparse]
-        recorder = TraceRecorder(self.experts, layers, hidden)
+        recorder = TraceRecorder(self.experts, self.config.moe_layers, hidden)
         self.model.set_executor(recorder)
         try:
             for row in rows:

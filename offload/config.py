@@ -76,6 +76,11 @@ class ModelConfig:
             raise OffloadError("per-layer settings do not match num_hidden_layers")
 
     @property
+    def moe_layers(self) -> list[int]:
+        """Decoder indices of the layers with a MoE block (position in this list = MoE position)."""
+        return [i for i, sparse in enumerate(self.sparse_layers) if sparse]
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 

@@ -47,7 +47,7 @@ class OffloadedExperts:
                  policy: str, split: str, stats: ExpertStats, io_threads: int = 4,
                  prefetch: Prefetcher | None = None, decide: Decide | None = None):
         cfg = checkpoint.config
-        self.layers = [i for i, sparse in enumerate(cfg.sparse_layers) if sparse]
+        self.layers = cfg.moe_layers
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
         self.prefetch = prefetch
         self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool

@@ -83,7 +83,7 @@ class ResidentExperts:
         staging = None if device.type == "cpu" else SlotPool(1, h, i, torch.device("cpu"), dtype)
         gate_up, down = {}, {}
         try:
-            for layer in (n for n, sparse in enumerate(cfg.sparse_layers) if sparse):
+            for layer in cfg.moe_layers:
                 gate_up[layer] = torch.empty((e, 2 * i, h), device=device, dtype=dtype)
                 down[layer] = torch.empty((e, h, i), device=device, dtype=dtype)
                 for expert in range(e):

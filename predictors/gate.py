@@ -41,6 +41,6 @@ def routers_from_checkpoint(path) -> list[torch.Tensor]:
     ckpt = Checkpoint(path)
     cfg = ckpt.config
     routers = [ckpt.tensor(ckpt.resident_name(f"model.layers.{i}.{cfg.family.moe_prefix}.gate.weight")).float()
-               for i, sparse in enumerate(cfg.sparse_layers) if sparse]
+               for i in cfg.moe_layers]
     ckpt.close()
     return routers
