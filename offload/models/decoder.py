@@ -166,6 +166,7 @@ class MoECausalLM(nn.Module):
         self.cfg = cfg
         self.model = Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.token_listener = None  # set with the executor: called with each step's input ids
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [m for m in self.modules() if isinstance(m, MoEBlock)]
@@ -183,7 +184,7 @@ class MoECausalLM(nn.Module):
         `valid` marks real tokens (False on left padding); `cache` holds what
         came before and receives these T tokens.
         """
-        if getattr(self, "token_listener", None) is not None:
+        if self.token_listener is not None:
             self.token_listener(input_ids)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
         cos, sin = rope_tables(self.cfg, positions, x.dtype)
