@@ -21,8 +21,9 @@ def _runtime_options(fn):
         click.option("--gpu-memory", default=None, help="Device memory budget, e.g. 6GiB; default: measured free memory."),
         click.option("--cpu-memory", default=None, help="Host RAM budget for expert weights, e.g. 16GiB."),
         click.option("--cache-policy", default="lru", show_default=True, help="Expert cache policy: lru, lfu or score."),
-        click.option("--cache-split", default="layer", show_default=True,
-                     help="Split expert slots evenly per layer, or share one global pool."),
+        click.option("--cache-split", default="auto", show_default=True,
+                     help="Expert slots in equal per-layer shares (layer), one pool (global), or auto: "
+                          "per layer when every layer's share holds top_k experts, else global."),
         click.option("--predictor", default="gate", show_default=True, help="Expert prefetch predictor: none, gate, learned, affinity."),
         click.option("--profile", default=None, help="Hardware profile name or TOML path."),
     ]

@@ -45,7 +45,7 @@ class _Row:
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
          cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None,
-         cache_split: str = "layer") -> "Runtime":
+         cache_split: str = "auto") -> "Runtime":
     """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model).
 
     With both budgets None and room for everything, all experts stay resident;
@@ -79,7 +79,7 @@ class Runtime:
             self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype, self._stats.experts)
         else:
             self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.dtype,
-                                            options.cache_policy, options.cache_split, self._stats.experts,
+                                            options.cache_policy, self.placement.split, self._stats.experts,
                                             prefetch=self._prefetcher(options.predictor),
                                             decide=self._decider(self.profile))
         self.checkpoint.close()  # resident weights are copied; experts are read by pread from here on

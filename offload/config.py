@@ -149,6 +149,7 @@ def parse_memory(value, what: str) -> int | None:
 
 CACHE_POLICIES = ("lru", "lfu", "score")
 PREDICTORS = ("none", "gate", "learned", "affinity")
+CACHE_SPLITS = ("auto", "layer", "global")
 
 
 @dataclass(frozen=True)
@@ -161,13 +162,13 @@ class RuntimeConfig:
     gpu_memory: int | None = None
     cpu_memory: int | None = None
     cache_policy: str = "lru"
-    cache_split: str = "layer"  # expert slots split evenly per layer, or one "global" pool
+    cache_split: str = "auto"  # slots in equal per-layer shares, one "global" pool, or "auto" (see placement)
     predictor: str = "gate"
     profile: str | None = None
 
     def __post_init__(self):
-        if self.cache_split not in ("layer", "global"):
-            raise OffloadError(f"cache_split={self.cache_split!r} is unknown; choose 'layer' or 'global'")
+        if self.cache_split not in CACHE_SPLITS:
+            raise OffloadError(f"cache_split={self.cache_split!r} is unknown; choose one of: {', '.join(CACHE_SPLITS)}")
         if self.cache_policy not in CACHE_POLICIES:
             raise OffloadError(f"cache_policy={self.cache_policy!r} is unknown; choose one of: {', '.join(CACHE_POLICIES)}")
         if self.predictor not in PREDICTORS:
@@ -178,7 +179,7 @@ class RuntimeConfig:
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
-              cache_split="layer", predictor="gate", profile=None) -> "RuntimeConfig":
+              cache_split="auto", predictor="gate", profile=None) -> "RuntimeConfig":
         return cls(
             device=str(device),
             dtype=None if dtype is None else str(dtype).replace("torch.", ""),

@@ -43,6 +43,7 @@ class Placement:
     resident_bytes: int  # non-expert weights on the compute device
     device_slots: int  # experts held where they are computed (GPU slots, or the RAM cache on a CPU)
     host_slots: int  # pinned host RAM tier in front of disk (GPU only; 0 on a CPU)
+    split: str = "layer"  # slots in equal per-layer shares, or one "global" pool (both tiers)
 
     def describe(self) -> str:
         if self.mode == "resident":
@@ -54,6 +55,8 @@ class Placement:
                 f"({fmt_bytes(self.device_slots * self.expert_bytes)})")
         if self.device_type != "cpu":
             text += f", {self.host_slots} in pinned host RAM ({fmt_bytes(self.host_slots * self.expert_bytes)})"
+        if self.split == "global":
+            text += ", one pool shared by all layers"
         if min(self.total_experts, max(self.device_slots, self.host_slots)) < self.total_experts:
             text += ", the rest read from disk"
         return text + f"; other weights {fmt_bytes(self.resident_bytes)}"
@@ -75,44 +78,72 @@ def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: torch.dtype,
-         resident_bytes: int) -> Placement:
+         resident_bytes: int, host_free: int | None = None, device_free: int | None = None) -> Placement:
+    """`host_free` and `device_free` (bytes) are measured here when None; the simulator
+    passes a hardware profile's memory instead, so it plans exactly as a run on that machine."""
     per_expert = expert_bytes(cfg, dtype)
     layers = sum(cfg.sparse_layers)
     total = layers * cfg.num_experts
-    minimum = cfg.top_k * layers  # top_k slots per layer: one token's experts for every layer
-    # Split per layer, slots come in equal shares: allocate no remainder that no layer could use.
-    unit = layers if options.cache_split == "layer" else 1
-    common = dict(device_type=device.type, expert_bytes=per_expert, total_experts=total, sparse_layers=layers,
-                  resident_bytes=resident_bytes)
+
+    def slots(budget: int, split: str) -> int:
+        # Split per layer, slots come in equal shares: allocate no remainder that no layer could use.
+        unit = layers if split == "layer" else 1
+        return min(total, max(0, budget) // per_expert) // unit * unit
+
+    def common(split: str) -> dict:
+        return dict(device_type=device.type, expert_bytes=per_expert, total_experts=total, sparse_layers=layers,
+                    resident_bytes=resident_bytes, split=split)
+
+    def resident() -> Placement:
+        return Placement("resident", device_slots=total, host_slots=0, **common("layer"))
 
     if device.type == "cpu":
         budget = options.cpu_memory
         measured = budget is None
         if measured:
-            budget = psutil.virtual_memory().available - resident_bytes - HOST_MARGIN
-        slots = min(total, max(0, budget) // per_expert) // unit * unit
-        if measured and slots >= total:
-            return Placement("resident", device_slots=total, host_slots=0, **common)
-        _check(slots, minimum, per_expert, "cpu_memory", 0, measured, budget)
-        return Placement("offloaded", device_slots=slots, host_slots=0, **common)
+            budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
+        split = _split(options.cache_split, slots(budget, "layer"), cfg.top_k * layers)
+        if measured and slots(budget, split) >= total:
+            return resident()
+        _check(slots(budget, split), _minimum(cfg, split), per_expert, "cpu_memory", 0, measured, budget)
+        return Placement("offloaded", device_slots=slots(budget, split), host_slots=0, **common(split))
 
-    free = torch.cuda.mem_get_info(device)[0]
+    free = torch.cuda.mem_get_info(device)[0] if device_free is None else device_free
     gpu_budget = options.gpu_memory
     gpu_measured = gpu_budget is None
     if gpu_measured:
         gpu_budget = free - DEVICE_MARGIN
     if options.gpu_memory is not None and options.gpu_memory > free:
         raise OffloadError(f"gpu_memory={fmt_bytes(options.gpu_memory)} but only {fmt_bytes(free)} is free on {device}")
-    device_slots = min(total, max(0, gpu_budget - resident_bytes) // per_expert) // unit * unit
+    split = _split(options.cache_split, slots(gpu_budget - resident_bytes, "layer"), cfg.top_k * layers)
+    device_slots = slots(gpu_budget - resident_bytes, split)
     if gpu_measured and options.cpu_memory is None and device_slots >= total:
-        return Placement("resident", device_slots=total, host_slots=0, **common)
+        return resident()
+    minimum = _minimum(cfg, split)
     _check(device_slots, minimum, per_expert, "gpu_memory", resident_bytes, gpu_measured, gpu_budget)
     host_budget = options.cpu_memory
     if host_budget is None:
-        host_budget = psutil.virtual_memory().available - resident_bytes - HOST_MARGIN
-    host_slots = min(total, max(0, host_budget) // per_expert) // unit * unit
+        host_budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
+    host_slots = slots(host_budget, split)
     _check(host_slots, minimum, per_expert, "cpu_memory", 0, options.cpu_memory is None, host_budget)
-    return Placement("offloaded", device_slots=device_slots, host_slots=host_slots, **common)
+    return Placement("offloaded", device_slots=device_slots, host_slots=host_slots, **common(split))
+
+
+def _split(asked: str, layer_slots: int, one_token_everywhere: int) -> str:
+    """"auto": per-layer shares when every layer's share holds one token's experts, else one
+    global pool whose slots the layers take turns with (Mixtral in fp16 on a 16 GB GPU)."""
+    if asked != "auto":
+        return asked
+    return "layer" if layer_slots >= one_token_everywhere else "global"
+
+
+def _minimum(cfg: ModelConfig, split: str) -> int:
+    """One token's experts must fit at once: top_k in each layer's share, or top_k in the global pool."""
+    return cfg.top_k * sum(cfg.sparse_layers) if split == "layer" else cfg.top_k
+
+
+def _host_free(given: int | None) -> int:
+    return psutil.virtual_memory().available if given is None else given
 
 
 def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, measured: bool, budget: int):
@@ -120,7 +151,7 @@ def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, 
         return
     need = resident + minimum * per_expert
     source = "the free memory measured" if measured else f"{what}={fmt_bytes(budget)}"
-    parts = f"{minimum} expert slots (top_k per MoE layer) x {fmt_bytes(per_expert)}"
+    parts = f"{minimum} expert slots (one token's top_k experts) x {fmt_bytes(per_expert)}"
     if resident:
         parts = f"the resident weights ({fmt_bytes(resident)}) plus " + parts
     raise OffloadError(f"{source} is too small: it needs at least {fmt_bytes(need)} for {parts}; "

@@ -58,8 +58,11 @@ def test_layouts_dense_layers_and_bf16(model_dir, family, overrides):
 def test_global_split_and_transformers_oracle(model_dir):
     path = model_dir("qwen3_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2)
     ids = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(6))
-    cpu_memory, _ = budget(path, 6)
-    llm = check_matches_resident(path, ids, cpu_memory=cpu_memory, cache_split="global")
+    for slots in (2, 6):  # 2 = top_k: every layer takes turns with one token's worth of slots
+        cpu_memory, _ = budget(path, slots)
+        llm = check_matches_resident(path, ids, cpu_memory=cpu_memory, cache_split="global")
+    with pytest.raises(OffloadError, match=r"too small.*2 expert slots"):
+        offload.load(path, device="cpu", cpu_memory=budget(path, 1)[0], cache_split="global")
     with torch.no_grad():
         theirs = reference(path)(ids).logits.float()
     llm = offload.load(path, device="cpu", cpu_memory=cpu_memory, cache_split="global")
@@ -84,8 +87,15 @@ def test_budget_too_small_says_the_minimum(model_dir):
     cpu_memory, _ = budget(path, 5)  # 3 layers x top-2 = 6 slots needed
     need, _ = budget(path, 6)
     with pytest.raises(OffloadError, match=r"too small.*6 expert slots.*raise cpu_memory") as err:
-        offload.load(path, device="cpu", cpu_memory=cpu_memory)
+        offload.load(path, device="cpu", cpu_memory=cpu_memory, cache_split="layer")
     assert f"{need / 1024:.2f} KiB" in str(err.value)
+    # "auto" (the default) falls back to one global pool, which needs only top_k = 2 slots
+    llm = offload.load(path, device="cpu", cpu_memory=cpu_memory)
+    assert (llm.placement.split, llm.placement.device_slots) == ("global", 5)
+    assert "one pool shared by all layers" in llm.placement.describe()
+    llm.close()
+    with pytest.raises(OffloadError, match=r"too small.*2 expert slots"):
+        offload.load(path, device="cpu", cpu_memory=budget(path, 1)[0])
 
 
 def test_stats_are_exposed_per_layer_and_as_json(model_dir):
