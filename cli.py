@@ -246,30 +246,35 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
 @click.option("--profile", "profile_name", default="colab-t4", show_default=True,
               help="Hardware profile name or TOML path.")
 @click.option("--shape", default="mixtral-8x7b", show_default=True,
-              help="Model sizes: mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b.")
+              help="Model sizes: mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b, a config.json, a model "
+                   "directory, or a hub id (only its config.json is downloaded).")
 @click.option("--policy", default="lru", show_default=True, help="Cache policy: lru, lfu or score.")
 @click.option("--predictor", default="none", show_default=True, help="none, gate, learned or affinity.")
 @click.option("--cpu/--no-cpu", default=True, show_default=True, help="Allow computing missed experts on the CPU.")
 @click.option("--model", default=None, help="Model directory, for the gate predictor's routers.")
 @click.option("--gpu-memory", default=None, help="Device budget (default: the profile's memory less 1 GiB).")
-@click.option("--cpu-memory", default=None, help="Host budget for experts (default: the profile's RAM less 2 GiB).")
+@click.option("--cpu-memory", default=None, help="Host budget for experts (default: the profile's RAM less 2 GiB "
+                                                  "and the resident weights).")
+@click.option("--cache-split", default="auto", show_default=True, help="auto, layer or global, as for generate.")
+@click.option("--dtype", default=None, help="Weights' dtype (default: the shape's, as a run would use).")
+@click.option("--tokens", default=512, show_default=True, help="Decode steps replayed, at most.")
 @click.option("--table", is_flag=True, help="Sweep every shipped profile, policy, predictor and CPU setting.")
-def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_memory, cpu_memory, table):
+def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_memory, cpu_memory, cache_split,
+             dtype, tokens, table):
     """Model the decode speed of a configuration by replaying a trace through the real caches and scheduler."""
     from offload.config import parse_memory
     from offload.predictors.trace import load_trace
     from offload.profile import load_profile, shipped_profiles
-    from offload.simulate import SHAPES, predictor_scores
+    from offload.simulate import load_shape, predictor_scores
     from offload.simulate import simulate as run
 
-    if shape not in SHAPES:
-        raise OffloadError(f"unknown shape {shape!r}; choose one of: {', '.join(SHAPES)}")
+    cfg = load_shape(shape)
     recorded = load_trace(trace_dir)
     fit, test = recorded.split(0.5)
     gpu, host = parse_memory(gpu_memory, "gpu_memory"), parse_memory(cpu_memory, "cpu_memory")
-    click.echo(f"{shape} sizes, routing from {trace_dir} ({test.num_tokens} decode tokens replayed)")
+    click.echo(f"{shape} sizes, routing from {trace_dir} ({min(test.num_tokens, tokens)} decode tokens replayed)")
     header = f"{'profile':12} {'policy':6} {'predictor':9} {'cpu':4} {'tok/s':>8} {'hit':>5} {'CPU share':>9} " \
-             f"{'disk MB/tok':>11} {'link MB/tok':>11} {'slots':>11}"
+             f"{'disk MB/tok':>11} {'link MB/tok':>11} {'slots dev/host':>14} split"
     click.echo(header)
     profiles = shipped_profiles() if table else [profile_name]
     predictors = ("none", "affinity", "learned", "gate") if table else (predictor,)
@@ -287,16 +292,17 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
             for name in scores:
                 for allow in ((False, True) if table and hw.device != "cpu" else (cpu,)):
                     try:
-                        r = run(test, hw, SHAPES[shape], pol, scores[name], allow, gpu, host)
+                        r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype)
                     except OffloadError as exc:
                         if not table:
                             raise
                         click.echo(f"{hw.name:12} {exc}")
                         break
+                    p = r.placement
                     click.echo(f"{hw.name:12} {pol:6} {name:9} {'yes' if allow else 'no':4} "
                                f"{r.tokens_per_second:8.2f} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
                                f"{r.disk_bytes_per_token / 1e6:11.1f} {r.link_bytes_per_token / 1e6:11.1f} "
-                               f"{r.device_slots:>5}/{r.host_slots:<5}")
+                               f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}")
 
 
 @main.command()

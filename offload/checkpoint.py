@@ -26,8 +26,9 @@ from .models import family_for
 _HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
 
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise treat `model` as a hub id and download it."""
+def resolve_model_path(model: str | os.PathLike, patterns=_HUB_PATTERNS) -> Path:
+    """A local directory as is; otherwise treat `model` as a hub id and download the files
+    matching `patterns` (the whole model by default; ["config.json"] for its shape only)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -39,7 +40,7 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=name, allow_patterns=patterns))
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         reason = " ".join(str(exc).split())[:300]
         raise OffloadError(

@@ -11,54 +11,57 @@ the batch-1 throughput); prefetches for the next layer use the link (on a
 CPU, the disk) once the layer's own fetches are done, and whatever outlasts
 the layer delays the next one, as the engine waits for them.
 
-Sizes come from a model shape (a released config), routing from the trace;
-when the model has more MoE layers than the trace, the trace's layers repeat
-(layer m replays trace layer m mod L).
+Sizes come from a model's config.json (shipped for Mixtral-8x7B and two Qwen
+MoE models, or any local file or hub id: only config.json is fetched), and
+the expert slots from the runtime's own `placement.plan` with the profile's
+memory in place of measured free memory, so the simulator plans exactly as a
+run on that machine would. Routing comes from the trace; when the model has
+more MoE layers than the trace, the trace's layers repeat (MoE layer m
+replays trace layer m mod L).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 from .cache.policy import make_policy
 from .cache.state import ExpertCache
+from .config import ModelConfig, RuntimeConfig
 from .errors import OffloadError
+from .models import family_for
+from .placement import Placement, plan, resident_bytes
 from .predictors.base import rank
 from .profile import HardwareProfile
 from .scheduler import CostModel, ExpertWork, schedule
 
-GiB = 1 << 30
+SHAPES_DIR = Path(__file__).parent / "shapes"
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What the simulator needs of a model: sizes, from its released config."""
-
-    name: str
-    hidden: int
-    intermediate: int  # routed expert width
-    layers: int  # MoE layers
-    experts: int
-    top_k: int
-    other_params: int  # non-expert parameters (attention, embeddings, shared experts, ...)
-    weight_bytes: float = 2.0  # bf16
-
-    @property
-    def expert_bytes(self) -> float:
-        return 3 * self.hidden * self.intermediate * self.weight_bytes
+def shipped_shapes() -> list[str]:
+    return sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
 
 
-SHAPES = {
-    # config.json of mistralai/Mixtral-8x7B-v0.1: 32 layers, 8 experts top-2, H 4096, I 14336;
-    # 46.7B parameters of which 32 x 8 x 3 x 4096 x 14336 = 45.1B in experts.
-    "mixtral-8x7b": Shape("mixtral-8x7b", 4096, 14336, 32, 8, 2, 1_600_000_000),
-    # Qwen/Qwen1.5-MoE-A2.7B: 24 layers, 60 experts top-4, H 2048, moe I 1408, shared expert I 5632;
-    # 14.3B parameters, 24 x 60 x 3 x 2048 x 1408 = 12.5B in routed experts.
-    "qwen1.5-moe-a2.7b": Shape("qwen1.5-moe-a2.7b", 2048, 1408, 24, 60, 4, 1_800_000_000),
-    # Qwen/Qwen3-30B-A3B: 48 layers, 128 experts top-8, H 2048, moe I 768;
-    # 30.5B parameters, 48 x 128 x 3 x 2048 x 768 = 29.0B in experts.
-    "qwen3-30b-a3b": Shape("qwen3-30b-a3b", 2048, 768, 48, 128, 8, 1_500_000_000),
-}
+def load_shape(name: str) -> ModelConfig:
+    """A shipped shape's name, a config.json (or the directory holding one), or a hub id
+    (only its config.json is downloaded)."""
+    from .checkpoint import read_json, resolve_model_path
+
+    path = SHAPES_DIR / f"{name}.json"
+    if not path.exists():
+        path = Path(name).expanduser()
+        if not path.exists() and name.count("/") != 1:
+            raise OffloadError(f"unknown shape {name!r}; choose one of {', '.join(shipped_shapes())}, "
+                               "or pass a config.json, a model directory or a hub id")
+        if not path.exists():
+            path = resolve_model_path(name, patterns=["config.json"])
+        if path.is_dir():
+            path = path / "config.json"
+    raw = read_json(path, "a model shape is its config.json")
+    return ModelConfig.from_dict(raw, family_for(raw))
 
 
 @dataclass
@@ -70,43 +73,44 @@ class SimResult:
     cpu_share: float  # share of missed experts computed on the CPU
     prefetch_issued: int
     prefetch_used: int
-    device_slots: int
-    host_slots: int
-    split: str
+    placement: Placement
 
 
-def slots(shape: Shape, profile: HardwareProfile, gpu_memory: int | None, cpu_memory: int | None) -> tuple[int, int]:
-    """(compute-side slots, host slots) from the budgets, or the profile's memory less a margin."""
-    total = shape.layers * shape.experts
-    resident = shape.other_params * shape.weight_bytes
-    host = cpu_memory if cpu_memory is not None else profile.host_memory - 2 * GiB
-    if profile.device == "cpu":
-        return int(min(total, max(0, host - resident) // shape.expert_bytes)), 0
-    device = gpu_memory if gpu_memory is not None else profile.device_memory - GiB
-    return (int(min(total, max(0, device - resident) // shape.expert_bytes)),
-            int(min(total, max(0, host) // shape.expert_bytes)))
+def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeConfig) -> tuple[Placement, torch.dtype]:
+    """Where the runtime would put the experts on the profile's machine, and in which dtype."""
+    device = torch.device(profile.device)
+    dtype = options.compute_dtype(cfg.dtype, device)
+    try:
+        return plan(cfg, options, device, dtype, resident_bytes(cfg, dtype), host_free=profile.host_memory,
+                    device_free=profile.device_memory), dtype
+    except OffloadError as exc:
+        raise OffloadError(f"on {profile.name}: {exc}") from None
 
 
-def simulate(trace, profile: HardwareProfile, shape: Shape, policy: str = "lru", scores: dict | None = None,
+def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "lru", scores: dict | None = None,
              cpu: bool = True, gpu_memory: int | None = None, cpu_memory: int | None = None,
-             max_tokens: int = 512) -> SimResult:
+             max_tokens: int = 512, cache_split: str = "auto", dtype: str | None = None) -> SimResult:
     """Decode the trace's tokens one by one; `scores` are a predictor's, from
     `predictors.evaluate.all_scores` ({trace layer: {trace layer + 1: [T, E]}})."""
-    if (trace.num_experts, trace.top_k) != (shape.experts, shape.top_k):
-        raise OffloadError(f"the trace routes top-{trace.top_k} of {trace.num_experts} experts but {shape.name} "
-                           f"uses top-{shape.top_k} of {shape.experts}; record a trace of that routing shape")
-    device_slots, host_slots = slots(shape, profile, gpu_memory, cpu_memory)
-    if device_slots < shape.top_k:
-        raise OffloadError(f"{profile.name} cannot hold even {shape.top_k} experts of {shape.name} "
-                           f"beside its other weights")
-    layers = list(range(shape.layers))
-    # Fewer slots than top_k per layer (e.g. Mixtral fp16 on a T4): one pool shared by all layers.
-    split = "layer" if device_slots >= shape.top_k * shape.layers else "global"
-    device = ExpertCache(device_slots, make_policy(policy), layers, split)
-    host = ExpertCache(host_slots, make_policy(policy), layers, split) if host_slots else None
-    cost = CostModel(profile, shape.hidden, shape.intermediate, weight_bytes=shape.weight_bytes)
-    gflops = profile.device_gflops_1 if profile.device != "cpu" else profile.cpu_gflops_1
-    other_seconds = 2 * shape.other_params / shape.layers / (gflops * 1e9)  # per layer, batch 1
+    if (trace.num_experts, trace.top_k) != (cfg.num_experts, cfg.top_k):
+        raise OffloadError(f"the trace routes top-{trace.top_k} of {trace.num_experts} experts but the model "
+                           f"uses top-{cfg.top_k} of {cfg.num_experts}; record a trace of that routing shape")
+    options = RuntimeConfig(dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory, cache_policy=policy,
+                            cache_split=cache_split)
+    placement, torch_dtype = placement_on(cfg, profile, options)
+    on_cpu_device = profile.device == "cpu"
+    layers = list(range(placement.sparse_layers))  # MoE positions
+    device = ExpertCache(placement.device_slots, make_policy(policy), layers, placement.split)
+    host = (ExpertCache(placement.host_slots, make_policy(policy), layers, placement.split)
+            if placement.host_slots else None)
+    weight_bytes = torch.empty((), dtype=torch_dtype).element_size()
+    expert_bytes = placement.expert_bytes
+    cost = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=weight_bytes)
+    # Non-expert work per MoE layer step at batch 1: every resident weight but the embedding
+    # table (a lookup, not a matmul; unless tied, when it is also the output matmul).
+    params = placement.resident_bytes // weight_bytes - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    gflops = profile.cpu_gflops_1 if on_cpu_device else profile.device_gflops_1
+    other_seconds = 2 * params / len(layers) / (gflops * 1e9)
     link = profile.h2d_bandwidth or float("inf")
     T = min(trace.num_tokens, max_tokens)
     total = hits = requests = disk = moved = on_cpu = misses = issued = used = 0
@@ -125,7 +129,7 @@ def simulate(trace, profile: HardwareProfile, shape: Shape, policy: str = "lru",
                 device.policy.access(key)
                 where = "device" if key in device else "host" if host is not None and key in host else "disk"
                 work.append(ExpertWork(e, 1, where))
-            plan = schedule(work, cost, allow_cpu=cpu and profile.device != "cpu")
+            decision = schedule(work, cost, allow_cpu=cpu and not on_cpu_device)
             busy = [(m, e) for e in need]
             for w in work:
                 if w.where == "device":
@@ -133,37 +137,37 @@ def simulate(trace, profile: HardwareProfile, shape: Shape, policy: str = "lru",
                     continue
                 misses += 1
                 if w.where == "disk":
-                    disk += shape.expert_bytes
+                    disk += expert_bytes
                     if host is not None:  # read into the host tier on the way, whichever side computes
                         host.admit((m, w.expert), busy)
-                if plan.assignment[w.expert] == "cpu":
+                if decision.assignment[w.expert] == "cpu":
                     on_cpu += 1
                 else:
-                    moved += shape.expert_bytes if profile.device != "cpu" else 0
+                    moved += 0 if on_cpu_device else expert_bytes
                     device.admit((m, w.expert), busy)
             requests += len(need)
-            step = plan.time + other_seconds + carry  # carry: last layer's prefetches still arriving
+            step = decision.time + other_seconds + carry  # carry: last layer's prefetches still arriving
             carry = 0.0
-            if scores is not None and m + 1 < shape.layers and (src + 1) % trace.num_layers in scores[src]:
+            if scores is not None and m + 1 < len(layers) and (src + 1) % trace.num_layers in scores[src]:
                 # Prefetches start when the link (on a CPU, the disk) is done with this layer's own
                 # fetches; whatever outlasts the layer delays the next one (the engine waits for them).
-                cursor = plan.finish("link") if profile.device != "cpu" else plan.finish("disk")
+                cursor = decision.finish("disk" if on_cpu_device else "link")
                 nxt = m + 1
-                for e in rank(scores[src][(src + 1) % trace.num_layers][t], shape.top_k, shape.top_k):
+                for e in rank(scores[src][(src + 1) % trace.num_layers][t], cfg.top_k, cfg.top_k):
                     key = (nxt, e)
                     if key in device or not device.can_admit(key, []):
                         continue
                     in_host = host is not None and key in host
-                    cursor += shape.expert_bytes / (link if in_host else min(link, profile.disk_bandwidth))
+                    cursor += expert_bytes / (link if in_host else min(link, profile.disk_bandwidth))
                     device.admit(key, [])
                     arrived.setdefault(nxt, set()).add(e)
                     issued += 1
-                    disk += 0 if in_host else shape.expert_bytes
-                    moved += shape.expert_bytes if profile.device != "cpu" else 0
+                    disk += 0 if in_host else expert_bytes
+                    moved += 0 if on_cpu_device else expert_bytes
                 carry = max(0.0, cursor - step)
             total += step
     return SimResult(T / total, hits / requests, disk / T, moved / T, on_cpu / misses if misses else 0.0,
-                     issued, used, device_slots, host_slots, split)
+                     issued, used, placement)
 
 
 def predictor_scores(name: str, fit, test, model=None) -> dict | None:
