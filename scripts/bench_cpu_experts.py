@@ -5,7 +5,9 @@
 At n tokens an expert does 6*H*I*n FLOPs over 3*H*I weights. At batch 1 it
 is bound by memory bandwidth (the weights stream through once), at large
 batches by the matmul peak. Measured here, medians of 20: the expert as the
-runtime computes it (`offload.experts.contribution`), its two matmuls alone,
+runtime computes it on a CPU (`offload.experts.contribution` with a
+`Workspace`: no per-call allocation of the intermediates), the same without
+the workspace (every intermediate allocated per call), its two matmuls alone,
 a large bf16 GEMM (the practical compute peak), and a sum over 512 MiB (the
 practical memory read bandwidth).
 """
@@ -17,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from offload.experts import contribution, expert_ffn
+from offload.experts import Workspace, contribution, expert_ffn
 
 
 def median_seconds(fn, repeats=20):
@@ -57,16 +59,18 @@ def main():
     print(f"threads {args.threads}, {args.dtype}, expert H={h} I={i} ({weight_bytes / 2**20:.0f} MiB, "
           f"{count} of them in rotation); "
           f"memory read bandwidth {read_bw / 1e9:.1f} GB/s, bf16 GEMM peak {peak:.0f} GFLOP/s")
-    print(f"{'tokens':>6} {'runtime expert':>15} {'FFN alone':>13} {'GB/s of weights':>16} "
+    print(f"{'tokens':>6} {'runtime expert':>15} {'no workspace':>13} {'FFN alone':>13} {'GB/s of weights':>16} "
           f"{'% of read bw':>12} {'% of GEMM peak':>14}")
-    for n in (1, 4, 16, 64, 256):
+    workspace = Workspace("silu")
+    for n in (1, 4, 16, 64, 256, 1024):
         x = torch.randn(n, h).to(dtype)
         ids = torch.zeros(n, 1, dtype=torch.long)
         w = torch.ones(n, 1, dtype=dtype)
-        full = median_seconds(lambda: contribution(x, ids, w, 0, *next_expert(), F.silu))
+        full = median_seconds(lambda: contribution(x, ids, w, 0, *next_expert(), F.silu, workspace))
+        plain = median_seconds(lambda: contribution(x, ids, w, 0, *next_expert(), F.silu))
         bare = median_seconds(lambda: expert_ffn(x, *next_expert(), F.silu))
         flops = 6 * h * i * n / full / 1e9
-        print(f"{n:6d} {flops:11.1f} GF/s {6 * h * i * n / bare / 1e9:9.1f} GF/s "
+        print(f"{n:6d} {flops:11.1f} GF/s {6 * h * i * n / plain / 1e9:8.1f} GF/s {6 * h * i * n / bare / 1e9:8.1f} GF/s "
               f"{weight_bytes / full / 1e9:16.1f} {100 * weight_bytes / full / read_bw:11.0f}% "
               f"{100 * flops / peak:13.0f}%")
     layouts(h, i, dtype, count)
