@@ -51,7 +51,7 @@ def _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_spli
         click.echo("No MODEL given: using the demo model shipped with moe-offload.", err=True)
     llm = offload.load(model, device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                        cache_policy=cache_policy, cache_split=cache_split, predictor=predictor, profile=profile)
-    click.echo(f"[{llm.placement.describe()}]", err=True)
+    click.echo(f"[{llm.describe()}]", err=True)
     return llm
 
 

@@ -143,6 +143,18 @@ class Runtime:
                          weight_bytes=torch.empty((), dtype=self.dtype).element_size())
         return decider(cost)
 
+    def describe(self) -> str:
+        """Where the experts went and, with a profile, who computes the missed ones."""
+        text = self.placement.describe()
+        if self.profile is None:
+            return text
+        if self.placement.mode == "resident":
+            return text + f"; profile {self.profile.name} unused: nothing is missed"
+        if getattr(self.experts, "decide", None) is None:
+            return text + f"; profile {self.profile.name} unused: on a CPU every expert is computed on the CPU"
+        return text + (f"; each missed expert is copied to the GPU or computed on the CPU, whichever "
+                       f"profile {self.profile.name}'s cost model says finishes the layer sooner")
+
     def _eos_ids(self) -> set[int]:
         ids = set(self.config.eos_token_ids)
         gen_path = self.path / "generation_config.json"

@@ -151,6 +151,16 @@ def test_gpu_with_cpu_experts_matches_resident(model_dir):
     assert (llm.logits(ids) - resident.logits(ids)).abs().max().item() <= 1e-4
     assert llm.generate(PROMPT, max_new_tokens=12).token_ids == resident.generate(PROMPT, max_new_tokens=12).token_ids
     assert llm.stats.experts_on_cpu > 0
+    assert "computed on the CPU, whichever profile rtx3060-12g's cost model" in llm.describe()
+
+
+def test_describe_says_when_a_profile_has_nothing_to_decide(model_dir):
+    path = model_dir("mixtral", num_hidden_layers=3, num_local_experts=8)
+    llm = offload.load(path, device="cpu", profile="colab-t4")
+    assert llm.describe().endswith("profile colab-t4 unused: nothing is missed")
+    per_expert = llm.placement.expert_bytes
+    llm = offload.load(path, device="cpu", cpu_memory=8 * per_expert, profile="colab-t4")
+    assert "profile colab-t4 unused: on a CPU every expert is computed on the CPU" in llm.describe()
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
