@@ -26,6 +26,8 @@ def _runtime_options(fn):
                           "per layer when every layer's share holds top_k experts, else global."),
         click.option("--predictor", default="gate", show_default=True, help="Expert prefetch predictor: none, gate, learned, affinity."),
         click.option("--profile", default=None, help="Hardware profile name or TOML path."),
+        click.option("--threads", default=None, type=int,
+                     help="CPU threads for matmuls (torch's intra-op pool); default: torch's (one per core)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -46,11 +48,11 @@ def _sampling_options(fn):
     return fn
 
 
-def _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile):
+def _load(model, **runtime):
+    """offload.load with the _runtime_options, as click passes them."""
     if model is None:
         click.echo("No MODEL given: using the demo model shipped with moe-offload.", err=True)
-    llm = offload.load(model, device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
-                       cache_policy=cache_policy, cache_split=cache_split, predictor=predictor, profile=profile)
+    llm = offload.load(model, **runtime)
     click.echo(f"[{llm.describe()}]", err=True)
     return llm
 
@@ -77,10 +79,9 @@ def main():
 @_sampling_options
 @click.option("--prompt", "-p", required=True, help="The text to continue.")
 @click.option("--stats", "show_stats", is_flag=True, help="Print the run's statistics as JSON afterwards.")
-def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile,
-             max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats):
+def generate(model, max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats, **runtime):
     """Continue PROMPT with MODEL (a Hugging Face directory or hub id; default: the demo model)."""
-    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile) as llm:
+    with _load(model, **runtime) as llm:
         for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop=list(stop)):
             click.echo(piece, nl=False)
@@ -95,11 +96,10 @@ def generate(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_s
 @_sampling_options
 @click.option("--system", default=None, help="A system message to start the conversation with.")
 @click.option("--stats", "show_stats", is_flag=True, help="After each reply, print the full statistics as JSON.")
-def chat(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile,
-         max_new_tokens, temperature, top_k, top_p, seed, stop, system, show_stats):
+def chat(model, max_new_tokens, temperature, top_k, top_p, seed, stop, system, show_stats, **runtime):
     """Talk with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits,
     Ctrl-C stops the current reply."""
-    with _load(model, device, dtype, gpu_memory, cpu_memory, cache_policy, cache_split, predictor, profile) as llm:
+    with _load(model, **runtime) as llm:
         start = [{"role": "system", "content": system}] if system else []
         messages = list(start)
         click.echo("Type a message. /reset starts over, /exit quits, Ctrl-C stops a reply.", err=True)

@@ -45,15 +45,16 @@ class _Row:
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
          cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None,
-         cache_split: str = "auto") -> "Runtime":
+         cache_split: str = "auto", threads: int | None = None) -> "Runtime":
     """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model).
 
     With both budgets None and room for everything, all experts stay resident;
     otherwise experts are offloaded: cached on the compute device (or in RAM on
-    a CPU) in front of host RAM and disk, within `gpu_memory` / `cpu_memory`."""
+    a CPU) in front of host RAM and disk, within `gpu_memory` / `cpu_memory`.
+    `threads` sets torch's CPU thread pool for the whole process (None leaves torch's default)."""
     options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                                   cache_policy=cache_policy, cache_split=cache_split, predictor=predictor,
-                                  profile=profile)
+                                  profile=profile, threads=threads)
     if model is None:
         from .demo import demo_model_path
 
@@ -66,6 +67,8 @@ class Runtime:
 
     def __init__(self, path: Path, options: RuntimeConfig):
         self.path, self.options = path, options
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)  # process-wide: CPU experts and everything else on the CPU
         self.profile = self._load_profile(options.profile)  # a HardwareProfile, or None
         self.checkpoint = Checkpoint(path)
         self.config = cfg = self.checkpoint.config

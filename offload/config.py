@@ -165,8 +165,13 @@ class RuntimeConfig:
     cache_split: str = "auto"  # slots in equal per-layer shares, one "global" pool, or "auto" (see placement)
     predictor: str = "gate"
     profile: str | None = None
+    threads: int | None = None  # torch's intra-op CPU threads; None: torch's default
 
     def __post_init__(self):
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise OffloadError(f"threads={self.threads!r} must be a whole number of at least 1 (or None for "
+                               "torch's default, one per core)")
         if self.cache_split not in CACHE_SPLITS:
             raise OffloadError(f"cache_split={self.cache_split!r} is unknown; choose one of: {', '.join(CACHE_SPLITS)}")
         if self.cache_policy not in CACHE_POLICIES:
@@ -179,7 +184,7 @@ class RuntimeConfig:
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
-              cache_split="auto", predictor="gate", profile=None) -> "RuntimeConfig":
+              cache_split="auto", predictor="gate", profile=None, threads=None) -> "RuntimeConfig":
         return cls(
             device=str(device),
             dtype=None if dtype is None else str(dtype).replace("torch.", ""),
@@ -189,6 +194,7 @@ class RuntimeConfig:
             cache_split=str(cache_split).lower(),
             predictor=str(predictor).lower(),
             profile=profile,
+            threads=threads,
         )
 
     def compute_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

@@ -1,5 +1,6 @@
 """The click CLI: generate, chat, one-line errors."""
 
+import torch
 from click.testing import CliRunner
 
 from offload.cli import main
@@ -15,10 +16,16 @@ def test_help_explains_every_option():
 
 
 def test_generate_prints_text_and_stats(model_dir):
-    result = CliRunner().invoke(main, ["generate", str(model_dir("mixtral")), "-p", "To be", "-n", "5",
-                                       "--device", "cpu", "--stats"])
+    torch.set_num_threads(2)  # --threads must change it
+    try:
+        result = CliRunner().invoke(main, ["generate", str(model_dir("mixtral")), "-p", "To be", "-n", "5",
+                                           "--device", "cpu", "--stats", "--threads", "1"])
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(1)  # conftest's setting, for the tests after this one
     assert result.exit_code == 0, result.output
     assert "tok/s" in result.output and '"new_tokens"' in result.output
+    assert threads == 1
 
 
 def test_chat_multi_turn_reset_and_exit(model_dir):

@@ -105,6 +105,9 @@ def test_token_ids_outside_vocabulary(model_dir):
         (dict(cpu_memory=-1), "cpu_memory"),
         (dict(device="tpu"), "device"),
         (dict(dtype="int3"), "dtype"),
+        (dict(cache_split="per-layer"), "cache_split.*auto, layer, global"),
+        (dict(threads=0), "threads=0 must be a whole number of at least 1"),
+        (dict(threads="4"), "threads='4' must be a whole number"),
     ],
 )
 def test_bad_options(model_dir, kwargs, pattern):
