@@ -286,6 +286,7 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
             if not table:
                 raise
             click.echo(f"(skipping {name}: {exc})", err=True)
+    best = {}  # profile -> (tok/s, policy, predictor, cpu), and its baseline: LRU, no prefetch, no CPU experts
     for prof in profiles:
         hw = load_profile(prof)
         for pol in (("lru", "lfu", "score") if table else (policy,)):
@@ -300,9 +301,20 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
                         break
                     p = r.placement
                     click.echo(f"{hw.name:12} {pol:6} {name:9} {'yes' if allow else 'no':4} "
-                               f"{r.tokens_per_second:8.2f} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
+                               f"{r.tokens_per_second:8.3g} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
                                f"{r.disk_bytes_per_token / 1e6:11.1f} {r.link_bytes_per_token / 1e6:11.1f} "
                                f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}")
+                    entry = (r.tokens_per_second, pol, name, "CPU experts" if allow and hw.device != "cpu" else "")
+                    best[hw.name] = max(best.get(hw.name, entry), entry)
+                    if (pol, name, allow and hw.device != "cpu") == ("lru", "none", False):
+                        best[hw.name + " baseline"] = entry
+    if table:
+        click.echo("\nfastest modeled per profile (baseline: lru, no prefetch, no CPU experts):")
+        for name in (n for n in best if not n.endswith(" baseline")):
+            speed, pol, pred, side = best[name]
+            base = best.get(name + " baseline", (float("nan"),))[0]
+            click.echo(f"  {name:12} {', '.join(x for x in (pol, pred, side) if x):32} {speed:8.3g} tok/s "
+                       f"(baseline {base:.3g}, x{speed / base:.2f})")
 
 
 @main.command()

@@ -103,3 +103,22 @@ def test_mixtral_in_fp16_on_a_t4_takes_a_global_pool():
     result = simulate(chained_trace(8, 0.0), load_profile("colab-t4"), load_shape("mixtral-8x7b"))
     p = result.placement
     assert p.split == "global" and 2 <= p.device_slots < 2 * 32 and result.tokens_per_second > 0
+
+
+def test_cli_table_names_the_fastest_configuration_per_profile():
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from offload.cli import main
+    from offload.profile import shipped_profiles
+
+    trace = Path(__file__).parent / "data" / "demo_trace"
+    result = CliRunner().invoke(main, ["simulate", "--trace", str(trace), "--shape", "mixtral-8x7b", "--table",
+                                       "--tokens", "6"])
+    assert result.exit_code == 0, result.output
+    summary = result.output.split("fastest modeled per profile")[1].splitlines()[1:]
+    assert [line.split()[0] for line in summary] == shipped_profiles()
+    for line in summary:
+        speed, base = float(line.split(" tok/s")[0].split()[-1]), float(line.split("baseline ")[1].split(",")[0])
+        assert speed >= base > 0  # the baseline is one of the configurations swept
