@@ -258,9 +258,11 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
 @click.option("--cache-split", default="auto", show_default=True, help="auto, layer or global, as for generate.")
 @click.option("--dtype", default=None, help="Weights' dtype (default: the shape's, as a run would use).")
 @click.option("--tokens", default=512, show_default=True, help="Decode steps replayed, at most.")
+@click.option("--prompt-tokens", default=0, show_default=True,
+              help="The first N tokens of each trace sequence are one prefill step, not decode steps.")
 @click.option("--table", is_flag=True, help="Sweep every shipped profile, policy, predictor and CPU setting.")
 def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_memory, cpu_memory, cache_split,
-             dtype, tokens, table):
+             dtype, tokens, prompt_tokens, table):
     """Model the decode speed of a configuration by replaying a trace through the real caches and scheduler."""
     from offload.config import parse_memory
     from offload.predictors.trace import load_trace
@@ -293,7 +295,8 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
             for name in scores:
                 for allow in ((False, True) if table and hw.device != "cpu" else (cpu,)):
                     try:
-                        r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype)
+                        r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype,
+                                prompt_tokens)
                     except OffloadError as exc:
                         if not table:
                             raise
@@ -303,7 +306,8 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
                     click.echo(f"{hw.name:12} {pol:6} {name:9} {'yes' if allow else 'no':4} "
                                f"{r.tokens_per_second:8.3g} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
                                f"{r.disk_bytes_per_token / 1e6:11.1f} {r.link_bytes_per_token / 1e6:11.1f} "
-                               f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}")
+                               f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}"
+                               + (f"  prefill {r.prefill_seconds:.3g} s" if prompt_tokens else ""))
                     entry = (r.tokens_per_second, pol, name, "CPU experts" if allow and hw.device != "cpu" else "")
                     best[hw.name] = max(best.get(hw.name, entry), entry)
                     if (pol, name, allow and hw.device != "cpu") == ("lru", "none", False):

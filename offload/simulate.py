@@ -66,14 +66,15 @@ def load_shape(name: str) -> ModelConfig:
 
 @dataclass
 class SimResult:
-    tokens_per_second: float
-    hit_rate: float
+    tokens_per_second: float  # decode steps only
+    hit_rate: float  # of the decode steps' expert requests
     disk_bytes_per_token: float
     link_bytes_per_token: float
     cpu_share: float  # share of missed experts computed on the CPU
     prefetch_issued: int
     prefetch_used: int
     placement: Placement
+    prefill_seconds: float = 0.0  # mean modeled prefill time per sequence (0 without prompt_tokens)
 
 
 def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeConfig) -> tuple[Placement, torch.dtype]:
@@ -89,85 +90,148 @@ def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeCon
 
 def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "lru", scores: dict | None = None,
              cpu: bool = True, gpu_memory: int | None = None, cpu_memory: int | None = None,
-             max_tokens: int = 512, cache_split: str = "auto", dtype: str | None = None) -> SimResult:
+             max_tokens: int = 512, cache_split: str = "auto", dtype: str | None = None,
+             prompt_tokens: int = 0) -> SimResult:
     """Decode the trace's tokens one by one; `scores` are a predictor's, from
-    `predictors.evaluate.all_scores` ({trace layer: {trace layer + 1: [T, E]}})."""
+    `predictors.evaluate.all_scores` ({trace layer: {trace layer + 1: [T, E]}}).
+
+    With `prompt_tokens`, the first that many tokens of each trace sequence are one prefill
+    step (every layer's experts with their token counts, as `generate` runs a prompt) and only
+    the rest are decode steps: figures then match a run's decode phase after a warm-up."""
     if (trace.num_experts, trace.top_k) != (cfg.num_experts, cfg.top_k):
         raise OffloadError(f"the trace routes top-{trace.top_k} of {trace.num_experts} experts but the model "
                            f"uses top-{cfg.top_k} of {cfg.num_experts}; record a trace of that routing shape")
     options = RuntimeConfig(dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory, cache_policy=policy,
                             cache_split=cache_split)
     placement, torch_dtype = placement_on(cfg, profile, options)
-    on_cpu_device = profile.device == "cpu"
-    layers = list(range(placement.sparse_layers))  # MoE positions
-    device = ExpertCache(placement.device_slots, make_policy(policy), layers, placement.split)
-    host = (ExpertCache(placement.host_slots, make_policy(policy), layers, placement.split)
-            if placement.host_slots else None)
-    weight_bytes = torch.empty((), dtype=torch_dtype).element_size()
-    expert_bytes = placement.expert_bytes
-    cost = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=weight_bytes)
-    # Non-expert work per MoE layer step at batch 1: every resident weight but the embedding
-    # table (a lookup, not a matmul; unless tied, when it is also the output matmul).
-    params = placement.resident_bytes // weight_bytes - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    gflops = profile.cpu_gflops_1 if on_cpu_device else profile.device_gflops_1
-    other_seconds = 2 * params / len(layers) / (gflops * 1e9)
-    link = profile.h2d_bandwidth or float("inf")
-    T = min(trace.num_tokens, max_tokens)
-    total = hits = requests = disk = moved = on_cpu = misses = issued = used = 0
-    carry = 0.0
-    arrived: dict[int, set] = {}  # layer -> experts prefetched for its next step
-    for t in range(T):
-        for m in layers:
-            src = m % trace.num_layers
-            if policy == "score":
-                device.policy.observe(m, trace.router_probs[t, src].tolist())
-            need = [int(e) for e in trace.topk_ids[t, src]]
-            used += len(arrived.pop(m, set()) & set(need))
-            work = []
-            for e in need:
-                key = (m, e)
-                device.policy.access(key)
-                where = "device" if key in device else "host" if host is not None and key in host else "disk"
-                work.append(ExpertWork(e, 1, where))
-            decision = schedule(work, cost, allow_cpu=cpu and not on_cpu_device)
-            busy = [(m, e) for e in need]
-            for w in work:
-                if w.where == "device":
-                    hits += 1
-                    continue
-                misses += 1
-                if w.where == "disk":
-                    disk += expert_bytes
-                    if host is not None:  # read into the host tier on the way, whichever side computes
-                        host.admit((m, w.expert), busy)
-                if decision.assignment[w.expert] == "cpu":
-                    on_cpu += 1
-                else:
-                    moved += 0 if on_cpu_device else expert_bytes
-                    device.admit((m, w.expert), busy)
-            requests += len(need)
-            step = decision.time + other_seconds + carry  # carry: last layer's prefetches still arriving
-            carry = 0.0
-            if scores is not None and m + 1 < len(layers) and (src + 1) % trace.num_layers in scores[src]:
-                # Prefetches start when the link (on a CPU, the disk) is done with this layer's own
-                # fetches; whatever outlasts the layer delays the next one (the engine waits for them).
-                cursor = decision.finish("disk" if on_cpu_device else "link")
-                nxt = m + 1
-                for e in rank(scores[src][(src + 1) % trace.num_layers][t], cfg.top_k, cfg.top_k):
-                    key = (nxt, e)
-                    if key in device or not device.can_admit(key, []):
-                        continue
-                    in_host = host is not None and key in host
-                    cursor += expert_bytes / (link if in_host else min(link, profile.disk_bandwidth))
-                    device.admit(key, [])
-                    arrived.setdefault(nxt, set()).add(e)
-                    issued += 1
-                    disk += 0 if in_host else expert_bytes
-                    moved += 0 if on_cpu_device else expert_bytes
-                carry = max(0.0, cursor - step)
-            total += step
-    return SimResult(T / total, hits / requests, disk / T, moved / T, on_cpu / misses if misses else 0.0,
-                     issued, used, placement)
+    replay = _Replay(trace, profile, cfg, placement, torch_dtype, policy, scores, cpu)
+    prefill, decoded = [], 0
+    for rows in trace.sequences():
+        tokens = list(range(rows.start, rows.stop))
+        head = min(prompt_tokens, len(tokens) - 1)
+        if head > 0:
+            prefill.append(replay.step(tokens[:head], decode=False))
+        for t in tokens[head:][:max_tokens - decoded]:
+            replay.step([t], decode=True)
+            decoded += 1
+        if decoded >= max_tokens:
+            break
+    return replay.result(decoded, sum(prefill) / len(prefill) if prefill else 0.0)
+
+
+class _Replay:
+    """The simulated runtime: the engine's caches, the scheduler's decisions, modeled time."""
+
+    def __init__(self, trace, profile, cfg, placement, dtype, policy, scores, cpu):
+        self.trace, self.profile, self.placement, self.policy, self.scores = trace, profile, placement, policy, scores
+        self.on_cpu_device = profile.device == "cpu"
+        self.allow_cpu = cpu and not self.on_cpu_device
+        self.layers = list(range(placement.sparse_layers))  # MoE positions
+        self.device = ExpertCache(placement.device_slots, make_policy(policy), self.layers, placement.split)
+        self.host = (ExpertCache(placement.host_slots, make_policy(policy), self.layers, placement.split)
+                     if placement.host_slots else None)
+        if placement.mode == "resident":  # loaded before the first token
+            for key in ((m, e) for m in self.layers for e in range(cfg.num_experts)):
+                self.device.admit(key, [])
+        self.top_k = cfg.top_k
+        weight_bytes = torch.empty((), dtype=dtype).element_size()
+        self.cost = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=weight_bytes)
+        # Non-expert work per MoE layer step and token: every resident weight but the embedding
+        # table (a lookup, not a matmul; unless tied, when it is also the output matmul).
+        params = placement.resident_bytes // weight_bytes - (
+            0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+        gflops_1, gflops_b = ((profile.cpu_gflops_1, profile.cpu_gflops_batch) if self.on_cpu_device
+                              else (profile.device_gflops_1, profile.device_gflops_batch))
+        per_layer = 2 * params / len(self.layers)
+        self.other_seconds = lambda n: per_layer * n / (min(gflops_b, gflops_1 * n) * 1e9)  # noqa: E731
+        self.link = profile.h2d_bandwidth or float("inf")
+        self.time = self.hits = self.requests = self.disk = self.moved = self.on_cpu = self.misses = 0
+        self.issued = self.used = 0
+        self.carry = 0.0  # the last layer's prefetches still arriving
+        self.arrived: dict[int, set] = {}  # layer -> experts prefetched for its next step
+
+    def step(self, tokens: list[int], decode: bool) -> float:
+        """One forward step over `tokens` (trace positions) through every MoE layer; its modeled seconds."""
+        seconds = 0.0
+        for m in self.layers:
+            seconds += self._layer(m, tokens, decode)
+        if decode:
+            self.time += seconds
+        return seconds
+
+    def _layer(self, m: int, tokens: list[int], decode: bool) -> float:
+        trace, device, host = self.trace, self.device, self.host
+        src = m % trace.num_layers
+        if self.policy == "score":
+            device.policy.observe(m, trace.router_probs[tokens, src].mean(axis=0).tolist())
+        counts: dict[int, int] = {}
+        for t in tokens:
+            for e in trace.topk_ids[t, src]:
+                counts[int(e)] = counts.get(int(e), 0) + 1
+        need = sorted(counts)
+        self.used += len(self.arrived.pop(m, set()) & set(need)) if decode else 0
+        work = []
+        for e in need:
+            key = (m, e)
+            device.policy.access(key)
+            where = "device" if key in device else "host" if host is not None and key in host else "disk"
+            work.append(ExpertWork(e, counts[e], where))
+        decision = schedule(work, self.cost, allow_cpu=self.allow_cpu)
+        expert_bytes = self.placement.expert_bytes
+        for i, w in enumerate(work):
+            # As in the engine: hits are computed first, then the missed experts in turn, each slot
+            # free for reuse once its expert is done; what is still to come must not be evicted.
+            busy = [(m, later.expert) for later in work[i:] if later.where != "device"]
+            hit = w.where == "device"
+            if decode:
+                self.requests += 1
+                self.hits += hit
+            if hit:
+                continue
+            self.misses += decode
+            if w.where == "disk":
+                self.disk += expert_bytes * decode
+                if host is not None:  # read into the host tier on the way, whichever side computes
+                    host.admit((m, w.expert), busy)
+            if decision.assignment[w.expert] == "cpu":
+                self.on_cpu += decode
+            else:
+                self.moved += 0 if self.on_cpu_device else expert_bytes * decode
+                device.admit((m, w.expert), busy)
+        seconds = decision.time + self.other_seconds(len(tokens)) + self.carry
+        self.carry = 0.0
+        if decode and self.scores is not None and m + 1 < len(self.layers):
+            self.carry = max(0.0, self._prefetch(m, src, tokens[0], decision) - seconds)
+        return seconds
+
+    def _prefetch(self, m: int, src: int, t: int, decision) -> float:
+        """Fetch the predicted experts of the next layer; when the last of them lands (from this
+        layer's start). They start when the link (on a CPU, the disk) is done with this layer's own
+        fetches; whatever outlasts the layer delays the next one, as the engine waits for them."""
+        nxt_src = (src + 1) % self.trace.num_layers
+        cursor = decision.finish("disk" if self.on_cpu_device else "link")
+        if nxt_src not in self.scores[src]:
+            return cursor
+        expert_bytes = self.placement.expert_bytes
+        for e in rank(self.scores[src][nxt_src][t], self.top_k, self.top_k):
+            key = (m + 1, e)
+            if key in self.device or not self.device.can_admit(key, []):
+                continue
+            in_host = self.host is not None and key in self.host
+            cursor += expert_bytes / (self.link if in_host else min(self.link, self.profile.disk_bandwidth))
+            self.device.admit(key, [])
+            self.arrived.setdefault(m + 1, set()).add(e)
+            self.issued += 1
+            self.disk += 0 if in_host else expert_bytes
+            self.moved += 0 if self.on_cpu_device else expert_bytes
+        return cursor
+
+    def result(self, decoded: int, prefill_seconds: float) -> SimResult:
+        if decoded == 0:
+            raise OffloadError("no decode steps to replay: the trace's sequences are no longer than the prompt")
+        return SimResult(decoded / self.time, self.hits / self.requests, self.disk / decoded, self.moved / decoded,
+                         self.on_cpu / self.misses if self.misses else 0.0, self.issued, self.used, self.placement,
+                         prefill_seconds)
 
 
 def predictor_scores(name: str, fit, test, model=None) -> dict | None:

@@ -122,3 +122,42 @@ def test_cli_table_names_the_fastest_configuration_per_profile():
     for line in summary:
         speed, base = float(line.split(" tok/s")[0].split()[-1]), float(line.split("baseline ")[1].split(",")[0])
         assert speed >= base > 0  # the baseline is one of the configurations swept
+
+
+def test_resident_placement_starts_loaded_and_prompts_are_one_prefill_step():
+    trace = chained_trace(128, 0.1)  # two sequences of 64 tokens
+    hw = load_profile("cpu-only")
+    resident = simulate(trace, hw, SHAPE)  # 23 GiB of RAM holds this shape whole
+    assert resident.placement.mode == "resident"
+    assert resident.hit_rate == 1.0 and resident.disk_bytes_per_token == 0
+    offloaded = simulate(trace, hw, SHAPE, cpu_memory=20 * EXPERT, prompt_tokens=32)
+    per_token = simulate(trace, hw, SHAPE, cpu_memory=20 * EXPERT)
+    # 32 prompt tokens in one step cost less than 32 decode steps, and warm the cache
+    assert 0 < offloaded.prefill_seconds < 32 / per_token.tokens_per_second
+    assert offloaded.hit_rate > 0
+
+
+def test_prefill_fetches_what_decode_computes_on_the_cpu():
+    """Same experts, same machine: one token per expert goes to the CPU, a prompt's many are fetched."""
+    trace = chained_trace(64, 0.0)
+    hw = load_profile("rtx3060-12g")
+    decode = simulate(trace, hw, SHAPE, gpu_memory=500 * MB, cpu_memory=4000 * MB)
+    assert decode.cpu_share > 0.5
+    import offload.simulate as module
+
+    seen = []
+    real = module.schedule
+
+    def spy(work, cost, allow_cpu=True, search="auto"):
+        plan = real(work, cost, allow_cpu, search)
+        seen.extend((w.tokens, plan.assignment[w.expert]) for w in work if w.where != "device")
+        return plan
+
+    module.schedule = spy
+    try:
+        simulate(trace, hw, SHAPE, gpu_memory=500 * MB, cpu_memory=4000 * MB, prompt_tokens=60)
+    finally:
+        module.schedule = real
+    busy = [action for tokens, action in seen if tokens >= 10]  # prompt experts with many tokens
+    assert busy and all(action == "fetch" for action in busy)
+    assert [action for tokens, action in seen if tokens == 1].count("cpu") > 0
