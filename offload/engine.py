@@ -32,7 +32,7 @@ import torch
 
 from .cache.policy import make_policy
 from .cache.state import ExpertCache
-from .cache.store import ExpertReader, SlotPool
+from .cache.store import IO_THREADS, ExpertReader, SlotPool
 from .experts import ACT, Workspace, accumulate, contribution
 from .placement import Placement
 from .prefetch import Prefetcher
@@ -44,7 +44,7 @@ Decide = Callable[[list], dict[int, str]]
 
 class OffloadedExperts:
     def __init__(self, checkpoint, placement: Placement, device: torch.device, dtype: torch.dtype,
-                 policy: str, split: str, stats: ExpertStats, io_threads: int = 4,
+                 policy: str, split: str, stats: ExpertStats, io_threads: int = IO_THREADS,
                  prefetch: Prefetcher | None = None, decide: Decide | None = None):
         cfg = checkpoint.config
         self.layers = cfg.moe_layers

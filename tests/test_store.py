@@ -45,3 +45,21 @@ def test_reader_fills_slots_exactly_even_with_short_reads(model_dir, monkeypatch
     # fused rows (down lies elsewhere) or a dtype conversion: one buffer per read.
     assert max(calls) == (3 if not fused and dtype == torch.float32 else 1)
     reader.close()
+
+
+def test_read_bandwidth_reads_up_to_the_limit_on_several_threads(tmp_path, monkeypatch):
+    import os
+
+    from offload.cache import store
+
+    files = []
+    for i, size in enumerate((5000, 12345)):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(os.urandom(size))
+        files.append(path)
+    real = os.preadv
+    for threads, limit, expect in ((1, 1 << 20, 17345), (4, 1 << 20, 17345), (3, 9000, 9000)):
+        reads = []
+        monkeypatch.setattr(store.os, "preadv", lambda fd, bufs, off: reads.append(real(fd, bufs, off)) or reads[-1])
+        assert store.read_bandwidth(files, limit=limit, chunk=1024, threads=threads) > 0
+        assert sum(reads) == expect  # every byte once, never past the limit
