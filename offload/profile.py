@@ -201,9 +201,9 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
             dtype: str | None = None, read_bytes: int = 512 * MiB, batch: int = 64, repeats: int = 5
             ) -> HardwareProfile:
     """Measure this machine. The expert shape and dtype are the model's (config.json) when given,
-    else H=2048, I=5632 in bf16: a 69 MB expert, larger than a CPU's last-level cache as real
-    experts are, so batch 1 measures memory bandwidth and not cache. Each rate is the median of
-    `repeats` runs."""
+    else H=2048, I=5632 in bf16 (a 69 MB expert). The matmul timings rotate through copies of
+    the weights larger than any cache, so batch 1 measures memory bandwidth as a real model's
+    experts see it. Each rate is the median of `repeats` runs."""
     import psutil
     import torch
 
@@ -263,17 +263,26 @@ def _median_seconds(run, repeats: int, sync=lambda: None) -> float:
 
 
 def _expert_gflops(device, H: int, I: int, dtype, n: int, repeats: int) -> float:
-    """gate/up/down of one SwiGLU expert on n tokens: 2 * 3 * H * I * n FLOPs."""
+    """The runtime's own expert FFN (offload.experts.expert_ffn, weights as the engine keeps them)
+    on n tokens: 2 * 3 * H * I * n FLOPs. Calls rotate through copies of the weights that
+    together exceed any last-level cache (256 MiB), so each call streams its weights from memory
+    as a real model's experts do; one expert reused would sit in cache and flatter batch 1."""
     import torch
     import torch.nn.functional as F
 
+    from .experts import expert_ffn
+
     gen = torch.Generator().manual_seed(0)
-    w1, w3 = (torch.randn(I, H, generator=gen).to(device, dtype) for _ in range(2))  # [I, H]
-    w2 = torch.randn(H, I, generator=gen).to(device, dtype)  # [H, I]
+    size = 3 * H * I * torch.empty((), dtype=dtype).element_size()
+    copies = max(2, -(-256 * MiB // size))
+    experts = [((torch.randn(2 * I, H, generator=gen) * 0.02).to(device, dtype),  # gate_up [2I, H]
+                (torch.randn(H, I, generator=gen) * 0.02).to(device, dtype))  # down [H, I]
+               for _ in range(copies)]
     x = torch.randn(n, H, generator=gen).to(device, dtype)  # [n, H]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    turn = iter(range(1 << 62))
     with torch.inference_mode():
-        seconds = _median_seconds(lambda: F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2), repeats, sync)
+        seconds = _median_seconds(lambda: expert_ffn(x, *experts[next(turn) % copies], F.silu), repeats, sync)
     return 6 * H * I * n / seconds / 1e9
 
 
