@@ -33,7 +33,7 @@ import torch
 from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
-from .experts import ACT, Workspace, accumulate, contribution
+from .experts import ACT, accumulate, contribution
 from .placement import Placement
 from .prefetch import Prefetcher
 from .stats import ExpertStats
@@ -62,8 +62,6 @@ class OffloadedExperts:
         self.pool = SlotPool(placement.device_slots, *shape, device, dtype)
         self.cache = ExpertCache(placement.device_slots, make_policy(policy), self.layers, split)
         self.gpu = device.type == "cuda"
-        # Scratch for the main thread's experts on a CPU device (a GPU's caching allocator already reuses).
-        self.workspace = None if self.gpu else Workspace(cfg.hidden_act)
         # A host tier between disk and the compute slots: always with a GPU; on a CPU only when
         # asked for (tests use it to run the tiered and CPU-expert paths without a GPU).
         self.tiered = placement.host_slots > 0
@@ -75,7 +73,6 @@ class OffloadedExperts:
             self.host_cache = ExpertCache(placement.host_slots, make_policy(policy), self.layers, split)
             self.host_busy: set = set()  # host slots being filled, copied from or computed from
             self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
-            self.cpu_workspace = Workspace(cfg.hidden_act)  # the CPU worker's own: it runs beside the main thread
         if self.gpu:
             self.copy_stream = torch.cuda.Stream(device)
             # Per GPU slot: recorded on the compute stream after the last kernel that read it.
@@ -193,7 +190,7 @@ class OffloadedExperts:
         if from_disk:
             self._host_ready(host_slot)
             self.reader.read(layer, expert, gate_up, down)
-        return contribution(hidden, ids, weights, expert, gate_up, down, self.act, self.cpu_workspace)
+        return contribution(hidden, ids, weights, expert, gate_up, down, self.act)
 
     def _admit(self, key, busy) -> int:
         slot, evicted = self.cache.admit(key, busy)
@@ -243,7 +240,7 @@ class OffloadedExperts:
                     self.copy_done[key] = future.result()  # still needed to order the first use after the copy
 
     def _compute(self, hidden, ids, weights, expert: int, slot: int):
-        part = contribution(hidden, ids, weights, expert, *self.pool[slot], self.act, self.workspace)
+        part = contribution(hidden, ids, weights, expert, *self.pool[slot], self.act)
         if self.gpu:
             # The next copy into this slot must wait for the kernels just queued.
             event = torch.cuda.Event()

@@ -23,13 +23,6 @@ ACT = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-# The same functions computed in place, for the workspace path (same kernels, so the same bits).
-ACT_INPLACE = {
-    "silu": lambda x: F.silu(x, inplace=True),
-    "gelu": lambda x: torch.ops.aten.gelu_(x),
-    "gelu_pytorch_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
-    "relu": torch.relu_,
-}
 
 
 class ExpertExecutor(Protocol):
@@ -44,47 +37,16 @@ def expert_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: 
     return F.linear(act(gate) * up, down)
 
 
-class Workspace:
-    """Scratch memory for one thread's expert calls: the gathered input [n, H], the
-    gate/up product [n, 2I], the activation [n, I] and the expert's output [n, H] are
-    views of one buffer kept across calls and grown only when a call needs more. On a
-    CPU that saves an allocation (and, for prefill-sized n, fresh pages faulted in) per
-    matmul; the arithmetic is the same kernels as `expert_ffn`, so the same bits.
-    Not thread-safe: one workspace per thread that computes experts."""
-
-    def __init__(self, act: str):
-        self.act_ = ACT_INPLACE[act]
-        self.buffer = torch.empty(0)
-
-    def ffn(self, hidden: torch.Tensor, token: torch.Tensor, gate_up: torch.Tensor,
-            down: torch.Tensor) -> torch.Tensor:
-        """expert_ffn(hidden[token], gate_up, down) into the workspace; valid until the next call."""
-        n, h, i = token.numel(), hidden.shape[1], down.shape[1]
-        need = n * (2 * h + 3 * i)
-        if self.buffer.numel() < need or self.buffer.dtype != hidden.dtype or self.buffer.device != hidden.device:
-            self.buffer = torch.empty(need, dtype=hidden.dtype, device=hidden.device)
-        x, gu, a, y = torch.split(self.buffer[:need], (n * h, n * 2 * i, n * i, n * h))
-        x, gu, a, y = x.view(n, h), gu.view(n, 2 * i), a.view(n, i), y.view(n, h)
-        torch.index_select(hidden, 0, token, out=x)  # [n, H]
-        torch.mm(x, gate_up.t(), out=gu)  # [n, 2I], what F.linear computes
-        gate, up = gu.chunk(2, dim=-1)  # [n, I] each, views
-        torch.mul(self.act_(gate), up, out=a)  # [n, I]
-        return torch.mm(a, down.t(), out=y)  # [n, H]
-
-
 def contribution(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: int,
-                 gate_up: torch.Tensor, down: torch.Tensor, act: Callable,
-                 workspace: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens routed to `expert` and weight * expert(x) for them: ([n], [n, H]).
 
     hidden [N, H]; ids, weights [N, K]. Tokens are gathered in (k slot,
-    token) order, as transformers does. With a workspace the intermediates
-    live in it and only the returned [n, H] is allocated."""
+    token) order, as transformers does. The intermediates are allocated per
+    call: a preallocated workspace measured 2-12% slower on the CPU
+    (scripts/bench_cpu_experts.py keeps it, to measure again elsewhere)."""
     k_slot, token = torch.where(ids.T == expert)  # [n], [n]
-    if workspace is None:
-        y = expert_ffn(hidden[token], gate_up, down, act)  # [n, H]
-    else:
-        y = workspace.ffn(hidden, token, gate_up, down)  # [n, H], in the workspace
+    y = expert_ffn(hidden[token], gate_up, down, act)  # [n, H]
     return token, y * weights[token, k_slot, None]
 
 
@@ -108,8 +70,6 @@ class ResidentExperts:
         self.down = down  # layer -> [E, H, I]
         self.act = ACT[act]
         self.stats = stats or ExpertStats(gate_up)
-        on_cpu = next(iter(gate_up.values())).device.type == "cpu" if gate_up else False
-        self.workspace = Workspace(act) if on_cpu else None  # the GPU's caching allocator already reuses
 
     @classmethod
     def load(cls, checkpoint, device: torch.device, dtype: torch.dtype, stats: ExpertStats) -> "ResidentExperts":
@@ -143,8 +103,7 @@ class ResidentExperts:
         gate_up, down = self.gate_up[layer], self.down[layer]
         experts = torch.unique(ids).tolist()
         self.stats[layer].hits += len(experts)  # resident: every request is a hit
-        parts = {e: contribution(hidden, ids, weights, e, gate_up[e], down[e], self.act, self.workspace)
-                 for e in experts}
+        parts = {e: contribution(hidden, ids, weights, e, gate_up[e], down[e], self.act) for e in experts}
         return accumulate(hidden, parts)
 
     def nbytes(self) -> int:
