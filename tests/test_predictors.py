@@ -146,7 +146,15 @@ def test_recorded_trace_matches_transformers_routing(model_dir, tmp_path):
     for layer in range(3):
         theirs = torch.cat([lg[layer] for lg in logits]).softmax(-1).topk(2).indices.numpy()
         assert np.array_equal(trace.topk_ids[:, layer], theirs)
-    save_trace(trace, tmp_path / "t", {"model": "tiny"})
+    import os
+
+    old_umask = os.umask(0o022)
+    try:
+        save_trace(trace, tmp_path / "t", {"model": "tiny"})
+    finally:
+        os.umask(old_umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in [tmp_path / "t", *(tmp_path / "t").iterdir()]}
+    assert modes == {"t": 0o755, "trace.safetensors": 0o644, "header.json": 0o644}  # as the umask allows
     again = load_trace(tmp_path / "t")
     assert np.array_equal(again.topk_ids, trace.topk_ids) and again.hidden.shape == (9, 3, 32)
     assert again.header["format"] == "offload-trace/1" and list(again.sequence_starts) == [0, 6]
