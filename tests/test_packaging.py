@@ -37,7 +37,7 @@ def test_built_wheel_has_one_root(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"offload", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for module in ("offload/cli.py", "offload/cache/__init__.py", "offload/predictors/__init__.py",
-                   "offload/profiles/colab-t4.toml"):
+                   "offload/profiles/colab-t4.toml", "offload/shapes/qwen3-30b-a3b.json"):
         assert module in names
     assert "offload = offload.cli:main" in entry_points
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
