@@ -105,7 +105,7 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         split = _split(options.cache_split, slots(budget, "layer"), cfg.top_k * layers)
         if measured and slots(budget, split) >= total:
             return resident()
-        _check(slots(budget, split), _minimum(cfg, split), per_expert, "cpu_memory", 0, measured, budget)
+        _check(slots(budget, split), _minimum(cfg, split), per_expert, "cpu_memory", 0, measured, budget, split)
         return Placement("offloaded", device_slots=slots(budget, split), host_slots=0, **common(split))
 
     free = torch.cuda.mem_get_info(device)[0] if device_free is None else device_free
@@ -120,12 +120,12 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
     if gpu_measured and options.cpu_memory is None and device_slots >= total:
         return resident()
     minimum = _minimum(cfg, split)
-    _check(device_slots, minimum, per_expert, "gpu_memory", resident_bytes, gpu_measured, gpu_budget)
+    _check(device_slots, minimum, per_expert, "gpu_memory", resident_bytes, gpu_measured, gpu_budget, split)
     host_budget = options.cpu_memory
     if host_budget is None:
         host_budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
     host_slots = slots(host_budget, split)
-    _check(host_slots, minimum, per_expert, "cpu_memory", 0, options.cpu_memory is None, host_budget)
+    _check(host_slots, minimum, per_expert, "cpu_memory", 0, options.cpu_memory is None, host_budget, split)
     return Placement("offloaded", device_slots=device_slots, host_slots=host_slots, **common(split))
 
 
@@ -146,7 +146,8 @@ def _host_free(given: int | None) -> int:
     return psutil.virtual_memory().available if given is None else given
 
 
-def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, measured: bool, budget: int):
+def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, measured: bool, budget: int,
+           split: str = "global"):
     if slots >= minimum:
         return
     need = resident + minimum * per_expert
@@ -154,5 +155,6 @@ def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, 
     parts = f"{minimum} expert slots (one token's top_k experts) x {fmt_bytes(per_expert)}"
     if resident:
         parts = f"the resident weights ({fmt_bytes(resident)}) plus " + parts
+    other = " (or use cache_split='global', which needs top_k slots in all)" if split == "layer" else ""
     raise OffloadError(f"{source} is too small: it needs at least {fmt_bytes(need)} for {parts}; "
-                       f"raise {what} to at least {fmt_bytes(need)}")
+                       f"raise {what} to at least {fmt_bytes(need)}{other}")

@@ -22,7 +22,6 @@ replays trace layer m mod L).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -88,7 +88,7 @@ def test_budget_too_small_says_the_minimum(model_dir):
     need, _ = budget(path, 6)
     with pytest.raises(OffloadError, match=r"too small.*6 expert slots.*raise cpu_memory") as err:
         offload.load(path, device="cpu", cpu_memory=cpu_memory, cache_split="layer")
-    assert f"{need / 1024:.2f} KiB" in str(err.value)
+    assert f"{need / 1024:.2f} KiB" in str(err.value) and "or use cache_split='global'" in str(err.value)
     # "auto" (the default) falls back to one global pool, which needs only top_k = 2 slots
     llm = offload.load(path, device="cpu", cpu_memory=cpu_memory)
     assert (llm.placement.split, llm.placement.device_slots) == ("global", 5)
