@@ -288,7 +288,7 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
             if not table:
                 raise
             click.echo(f"(skipping {name}: {exc})", err=True)
-    best = {}  # profile -> (tok/s, policy, predictor, cpu), and its baseline: LRU, no prefetch, no CPU experts
+    best, baseline = {}, {}  # profile -> (tok/s, policy, predictor, cpu); baseline: LRU, no prefetch, no CPU
     for prof in profiles:
         hw = load_profile(prof)
         for pol in (("lru", "lfu", "score") if table else (policy,)):
@@ -311,12 +311,11 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
                     entry = (r.tokens_per_second, pol, name, "CPU experts" if allow and hw.device != "cpu" else "")
                     best[hw.name] = max(best.get(hw.name, entry), entry)
                     if (pol, name, allow and hw.device != "cpu") == ("lru", "none", False):
-                        best[hw.name + " baseline"] = entry
+                        baseline[hw.name] = entry[0]
     if table:
         click.echo("\nfastest modeled per profile (baseline: lru, no prefetch, no CPU experts):")
-        for name in (n for n in best if not n.endswith(" baseline")):
-            speed, pol, pred, side = best[name]
-            base = best.get(name + " baseline", (float("nan"),))[0]
+        for name, (speed, pol, pred, side) in best.items():
+            base = baseline.get(name, float("nan"))
             click.echo(f"  {name:12} {', '.join(x for x in (pol, pred, side) if x):32} {speed:8.3g} tok/s "
                        f"(baseline {base:.3g}, x{speed / base:.2f})")
 
