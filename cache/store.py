@@ -101,7 +101,9 @@ def read_bandwidth(files, limit: int = 1 << 30, chunk: int = 16 << 20, threads: 
                 if job is None:
                     return
                 f, offset, length = job
-                fd = fds.get(f) or fds.setdefault(f, os.open(f, os.O_RDONLY))
+                if f not in fds:
+                    fds[f] = os.open(f, os.O_RDONLY)
+                fd = fds[f]
                 n = os.preadv(fd, [memoryview(buf)[:length]], offset)
                 with lock:
                     done[0] += max(0, n)

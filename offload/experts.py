@@ -43,8 +43,8 @@ def contribution(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
 
     hidden [N, H]; ids, weights [N, K]. Tokens are gathered in (k slot,
     token) order, as transformers does. The intermediates are allocated per
-    call: a preallocated workspace measured 2-12% slower on the CPU
-    (scripts/bench_cpu_experts.py keeps it, to measure again elsewhere)."""
+    call: a preallocated workspace measured 1-8% slower at 1-64 tokens on the
+    CPU (scripts/bench_cpu_experts.py keeps it, to measure again elsewhere)."""
     k_slot, token = torch.where(ids.T == expert)  # [n], [n]
     y = expert_ffn(hidden[token], gate_up, down, act)  # [n, H]
     return token, y * weights[token, k_slot, None]

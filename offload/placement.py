@@ -102,11 +102,12 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         measured = budget is None
         if measured:
             budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
-        split = _split(options.cache_split, slots(budget, "layer"), cfg.top_k * layers)
-        if measured and slots(budget, split) >= total:
+        split = _split(options.cache_split, slots(budget, "layer"), _minimum(cfg, "layer"))
+        ram_slots = slots(budget, split)
+        if measured and ram_slots >= total:
             return resident()
-        _check(slots(budget, split), _minimum(cfg, split), per_expert, "cpu_memory", 0, measured, budget, split)
-        return Placement("offloaded", device_slots=slots(budget, split), host_slots=0, **common(split))
+        _check(ram_slots, _minimum(cfg, split), per_expert, "cpu_memory", 0, measured, budget, split)
+        return Placement("offloaded", device_slots=ram_slots, host_slots=0, **common(split))
 
     free = torch.cuda.mem_get_info(device)[0] if device_free is None else device_free
     gpu_budget = options.gpu_memory
@@ -115,7 +116,7 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         gpu_budget = free - DEVICE_MARGIN
     if options.gpu_memory is not None and options.gpu_memory > free:
         raise OffloadError(f"gpu_memory={fmt_bytes(options.gpu_memory)} but only {fmt_bytes(free)} is free on {device}")
-    split = _split(options.cache_split, slots(gpu_budget - resident_bytes, "layer"), cfg.top_k * layers)
+    split = _split(options.cache_split, slots(gpu_budget - resident_bytes, "layer"), _minimum(cfg, "layer"))
     device_slots = slots(gpu_budget - resident_bytes, split)
     if gpu_measured and options.cpu_memory is None and device_slots >= total:
         return resident()
