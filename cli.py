@@ -28,6 +28,9 @@ def _runtime_options(fn):
         click.option("--profile", default=None, help="Hardware profile name or TOML path."),
         click.option("--threads", default=None, type=int,
                      help="CPU threads for matmuls (torch's intra-op pool); default: torch's (one per core)."),
+        click.option("--experts", default=None,
+                     help="Expert format: int8 or int4 (int4-g32/-g64/-g128), lossy; an unquantized MODEL is "
+                          "quantized once into the cache. Default: as stored."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -138,6 +141,29 @@ def chat(model, max_new_tokens, temperature, top_k, top_p, seed, stop, system, s
                 click.echo(click.style(f"[{llm.stats.last.summary()}]", dim=True), err=True)
             if show_stats:
                 click.echo(llm.stats.to_json(), err=True)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--bits", required=True, type=int, help="8 (int8, one scale per output channel) or 4 (int4 with "
+                                                       "a scale and zero per group).")
+@click.option("--group-size", default=None, type=int, help="int4 group size along the input: 32, 64 or 128 "
+                                                           "[default: 32].")
+@click.option("--out", required=True, type=click.Path(), help="New directory for the quantized model.")
+def quantize(model, bits, group_size, out):
+    """Write MODEL (default: the demo model) with int8 or int4 experts to OUT, a model directory
+    that every command loads like any other. Lossy: compare with `offload eval-quality`."""
+    from offload.quantize import quantize_model
+
+    if bits not in (4, 8):
+        raise OffloadError(f"--bits {bits} is not built; use --bits 8 (int8) or --bits 4 (int4)")
+    if model is None:
+        from offload.demo import demo_model_path
+
+        model = demo_model_path()
+    path = quantize_model(model, out, f"int{bits}", group_size)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.name.endswith(".safetensors"))
+    click.echo(f"wrote {path} ({size / 2**20:.1f} MiB of weights)")
 
 
 @main.command()

@@ -11,6 +11,7 @@ the kernel's business: nothing here maps the files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OffloadError
+
 IO_THREADS = 4  # the engine's I/O pool: experts read at once (and how `offload profile` reads the disk)
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "U8": torch.uint8,
+                      "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def safetensors_extents(path: Path) -> dict[str, Extent]:
         if name == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of F32, BF16, F16")
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
         start, end = info["data_offsets"]
         extents[name] = Extent(Path(path), base + start, end - start, SAFETENSORS_DTYPES[info["dtype"]],
                                tuple(info["shape"]))
@@ -130,26 +134,38 @@ def _bytes_of(t: torch.Tensor):
 
 
 class ExpertReader:
-    """Reads one expert's (gate, up, down) from disk into a slot's (gate_up [2I, H], down [H, I])."""
+    """Reads one expert's extents from disk into a slot (the targets its format names:
+    gate, up and down rows of a dense slot, or a quantized expert's one run of bytes).
 
-    def __init__(self, locate, files: list[Path]):
-        self.locate = locate  # (layer, expert) -> (gate, up, down) Extents
+    With `drop_cache`, pages just read are dropped from the kernel's page cache: when the
+    page cache cannot hold the experts anyway, it only duplicates the slots and evicts them."""
+
+    def __init__(self, locate, files: list[Path], drop_cache: bool = False):
+        self.locate = locate  # (layer, expert) -> tuple of Extents, in the format's target order
         self.fds = {Path(f): os.open(f, os.O_RDONLY) for f in files}
         self.local = threading.local()  # per-thread scratch for dtype conversion
+        self.drop_cache = drop_cache
 
-    def read(self, layer: int, expert: int, gate_up: torch.Tensor, down: torch.Tensor) -> int:
-        gate, up, down_ext = self.locate(layer, expert)
-        width = gate.shape[0]
-        parts = sorted([(gate, gate_up[:width]), (up, gate_up[width:]), (down_ext, down)], key=lambda p: p[0].offset)
+    def read(self, layer: int, expert: int, targets: list[torch.Tensor]) -> int:
+        extents = self.locate(layer, expert)
+        for extent, dst in zip(extents, targets):
+            if math.prod(extent.shape) != dst.numel() or len(extents) != len(targets):
+                raise OffloadError(f"expert {expert} of layer {layer} in {extent.file} has shape {extent.shape}, but "
+                                   f"this model's config needs {tuple(dst.shape)}; the checkpoint is damaged or "
+                                   "does not match its config.json")
+        parts = sorted(zip(extents, targets), key=lambda p: p[0].offset)
         if self._adjacent(parts):
-            # One preadv scattering the file's contiguous bytes into the three destinations:
+            # One preadv scattering the file's contiguous bytes into the destinations:
             # measured about 20% faster from a cold disk than three separate reads.
             first = parts[0][0]
             self._pread(first.file, first.offset, sum(e.nbytes for e, _ in parts), [_bytes_of(d) for _, d in parts])
         else:
             for extent, dst in parts:
                 self._read(extent, dst)
-        return gate.nbytes + up.nbytes + down_ext.nbytes
+        if self.drop_cache:
+            for extent, _ in parts:
+                os.posix_fadvise(self.fds[extent.file], extent.offset, extent.nbytes, os.POSIX_FADV_DONTNEED)
+        return sum(e.nbytes for e in extents)
 
     @staticmethod
     def _adjacent(parts) -> bool:
@@ -193,16 +209,20 @@ class ExpertReader:
 
 
 class SlotPool:
-    """A fixed number of expert slots, allocated once: gate_up [S, 2I, H], down [S, H, I]."""
+    """A fixed number of expert slots, allocated once as one uint8 [S, nbytes] tensor; a slot's
+    bytes are one expert in `fmt` (offload/formats.py), viewed as the tensors its kernel takes."""
 
-    def __init__(self, slots: int, hidden: int, width: int, device: torch.device, dtype: torch.dtype,
-                 pin: bool = False):
-        self.gate_up = torch.empty((slots, 2 * width, hidden), device=device, dtype=dtype, pin_memory=pin)
-        self.down = torch.empty((slots, hidden, width), device=device, dtype=dtype, pin_memory=pin)
+    def __init__(self, slots: int, fmt, device: torch.device, pin: bool = False):
+        self.fmt = fmt
+        self.data = torch.empty((slots, fmt.nbytes), device=device, dtype=torch.uint8, pin_memory=pin)
 
-    def __getitem__(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gate_up[slot], self.down[slot]
+    def __getitem__(self, slot: int) -> tuple[torch.Tensor, ...]:
+        return self.fmt.views(self.data[slot])
+
+    def targets(self, slot: int) -> list[torch.Tensor]:
+        """Where a read of this slot's expert goes (ExpertReader.read)."""
+        return self.fmt.read_targets(self.data[slot])
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
+        return self.data.numel()

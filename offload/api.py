@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -16,9 +17,11 @@ from .config import RuntimeConfig, resolve_device
 from .errors import OffloadError
 from .engine import OffloadedExperts
 from .experts import ResidentExperts
+from .formats import parse_experts
+from .kernels import kernel_name
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
-from .placement import plan, resident_bytes
+from .placement import page_cache_too_small, plan, resident_bytes
 from .predictors.affinity import AffinityPredictor
 from .predictors.gate import GatePredictor
 from .predictors.learned import FILENAME as PREDICTOR_FILE
@@ -45,21 +48,43 @@ class _Row:
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
          cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None,
-         cache_split: str = "auto", threads: int | None = None) -> "Runtime":
+         cache_split: str = "auto", threads: int | None = None, experts: str | None = None) -> "Runtime":
     """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model).
 
     With both budgets None and room for everything, all experts stay resident;
     otherwise experts are offloaded: cached on the compute device (or in RAM on
     a CPU) in front of host RAM and disk, within `gpu_memory` / `cpu_memory`.
-    `threads` sets torch's CPU thread pool for the whole process (None leaves torch's default)."""
+    `threads` sets torch's CPU thread pool for the whole process (None leaves torch's default).
+    `experts="int8"` / `"int4"` (lossy, opt-in) runs quantized experts: a checkpoint stored
+    unquantized is quantized once into the user's cache directory and reused from there."""
     options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                                   cache_policy=cache_policy, cache_split=cache_split, predictor=predictor,
-                                  profile=profile, threads=threads)
+                                  profile=profile, threads=threads, experts=experts)
     if model is None:
         from .demo import demo_model_path
 
         model = demo_model_path()
-    return Runtime(resolve_model_path(model), options)
+    return Runtime(_with_experts(resolve_model_path(model), options.experts), options)
+
+
+def _with_experts(path: Path, experts: str | None) -> Path:
+    """The directory holding `path`'s model with its experts in the format asked for."""
+    if experts is None:
+        return path
+    kind, group = parse_experts(experts)
+    stored = Checkpoint(path)
+    stored.close()
+    have = stored.expert_format
+    if have.kind == kind and have.group_size == group:
+        return path
+    if have.quantized:
+        raise OffloadError(f"{path} already holds {have.name} experts, not {experts}; load it without experts= "
+                           "or quantize the original checkpoint")
+    if kind == "dense":
+        return path
+    from .quantize import cached_quantized
+
+    return cached_quantized(path, experts, echo=lambda m: print(m, file=sys.stderr))
 
 
 class Runtime:
@@ -74,17 +99,22 @@ class Runtime:
         self.config = cfg = self.checkpoint.config
         self.device = resolve_device(options.device)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)
+        # Dense experts are held in the compute dtype; quantized ones as stored, dequantizing to it.
+        self.expert_format = replace(self.checkpoint.expert_format, dtype=self.dtype)
         # Plan before loading anything: a budget that cannot work fails fast, with nothing allocated.
-        self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype))
+        self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype),
+                              fmt=self.expert_format)
         self.model = self._build_model()
         self._stats = RuntimeStats(ExpertStats(cfg.moe_layers))
         if self.placement.mode == "resident":
-            self.experts = ResidentExperts.load(self.checkpoint, self.device, self.dtype, self._stats.experts)
+            self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
+                                                self._stats.experts)
         else:
-            self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.dtype,
+            self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.expert_format,
                                             options.cache_policy, self.placement.split, self._stats.experts,
                                             prefetch=self._prefetcher(options.predictor),
-                                            decide=self._decider(self.profile))
+                                            decide=self._decider(self.profile),
+                                            drop_page_cache=page_cache_too_small(self.checkpoint))
         self.checkpoint.close()  # resident weights are copied; experts are read by pread from here on
         self.model.set_executor(self.experts)
         self.tokenizer = Tokenizer(path) if (path / "tokenizer.json").exists() else None
@@ -143,12 +173,14 @@ class Runtime:
 
         cfg = self.config
         cost = CostModel(self.profile, cfg.hidden_size, cfg.moe_intermediate_size,
-                         weight_bytes=torch.empty((), dtype=self.dtype).element_size())
+                         weight_bytes=self.expert_format.nbytes / (3 * cfg.hidden_size * cfg.moe_intermediate_size))
         return decider(cost)
 
     def describe(self) -> str:
-        """Where the experts went and, with a profile, who computes the missed ones."""
+        """Where the experts went, in which format and kernel, and, with a profile, who computes the missed ones."""
         text = self.placement.describe()
+        if self.expert_format.quantized:
+            text += f"; expert kernel: {kernel_name(self.expert_format, self.device)}"
         if self.profile is None:
             return text
         if self.placement.mode == "resident":

@@ -20,9 +20,12 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import OffloadError
+from .formats import stored_format
 from .models import family_for
 
 # Weights and configs only; chat_template.jinja is where transformers 5 keeps the chat template.
+# A quantized model directory's experts, per MoE layer: uint8 [E, bytes per expert], one row per expert.
+PACKED = "experts.packed"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
 
@@ -70,6 +73,11 @@ class Checkpoint:
         self.raw_config = read_json(self.path / "config.json", "a model directory needs its config.json")
         self.family = family_for(self.raw_config)
         self.config = ModelConfig.from_dict(self.raw_config, self.family)
+        cfg = self.config
+        # How the routed experts are stored: dense in the checkpoint's dtype, or int8/int4 as written
+        # by `offload quantize` (the runtime re-targets a dense format to its compute dtype).
+        self.expert_format = stored_format(self.raw_config, cfg.hidden_size, cfg.moe_intermediate_size,
+                                           cfg.torch_dtype)
         self._files = ExitStack()
         self._handles: dict[str, object] = {}
         self._extents: dict[str, dict] = {}  # shard -> tensor name -> Extent, parsed on demand
@@ -122,9 +130,15 @@ class Checkpoint:
         return [f"model.layers.{layer}.{p}" for p in (self.family.moe_prefix, *self.family.moe_aliases)]
 
     def expert_extents(self, layer: int, expert: int):
-        """Where one expert's (gate, up, down) bytes lie on disk, for direct reads."""
+        """Where one expert's bytes lie on disk, for direct reads: (gate, up, down) of a dense
+        checkpoint, or the one packed extent of a quantized one (row `expert` of `experts.packed`)."""
         gate_n, up_n, down_n = self.family.expert_names
         for prefix in self._moe_prefixes(layer):
+            if self.expert_format.quantized:
+                name = f"{prefix}.{PACKED}"
+                if self.has(name):
+                    return (self._extent(name).row(expert),)
+                continue
             base = f"{prefix}.experts.{expert}."
             names = [self.find(base + n + ".weight", base + n) for n in (gate_n, up_n, down_n)]
             if all(names):

@@ -166,6 +166,7 @@ class RuntimeConfig:
     predictor: str = "gate"
     profile: str | None = None
     threads: int | None = None  # torch's intra-op CPU threads; None: torch's default
+    experts: str | None = None  # expert format: None (as stored), "int8", "int4", "int4-g64", ... (lossy)
 
     def __post_init__(self):
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -181,10 +182,14 @@ class RuntimeConfig:
         if self.dtype is not None:
             _dtype_name(self.dtype)
         resolve_device(self.device)  # raises on a bad name
+        if self.experts is not None:
+            from .formats import parse_experts
+
+            parse_experts(self.experts)  # raises on an unknown format
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
-              cache_split="auto", predictor="gate", profile=None, threads=None) -> "RuntimeConfig":
+              cache_split="auto", predictor="gate", profile=None, threads=None, experts=None) -> "RuntimeConfig":
         return cls(
             device=str(device),
             dtype=None if dtype is None else str(dtype).replace("torch.", ""),
@@ -195,6 +200,7 @@ class RuntimeConfig:
             predictor=str(predictor).lower(),
             profile=profile,
             threads=threads,
+            experts=None if experts is None else str(experts),
         )
 
     def compute_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

@@ -34,6 +34,8 @@ from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
 from .experts import ACT, accumulate, contribution
+from .formats import ExpertFormat
+from .kernels import expert_kernel
 from .placement import Placement
 from .prefetch import Prefetcher
 from .stats import ExpertStats
@@ -43,9 +45,9 @@ Decide = Callable[[list], dict[int, str]]
 
 
 class OffloadedExperts:
-    def __init__(self, checkpoint, placement: Placement, device: torch.device, dtype: torch.dtype,
+    def __init__(self, checkpoint, placement: Placement, device: torch.device, fmt: ExpertFormat,
                  policy: str, split: str, stats: ExpertStats, io_threads: int = IO_THREADS,
-                 prefetch: Prefetcher | None = None, decide: Decide | None = None):
+                 prefetch: Prefetcher | None = None, decide: Decide | None = None, drop_page_cache: bool = False):
         cfg = checkpoint.config
         self.layers = cfg.moe_layers
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
@@ -53,13 +55,15 @@ class OffloadedExperts:
         self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool
         self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
         self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
-        self.device, self.act, self.stats = device, ACT[cfg.hidden_act], stats
-        self.expert_bytes = placement.expert_bytes
-        shape = (cfg.hidden_size, cfg.moe_intermediate_size)
-        self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files())
+        self.device, self.stats = device, stats
+        self.expert_bytes = placement.expert_bytes  # fmt.nbytes: what one fetch moves
+        act = ACT[cfg.hidden_act]
+        self.kernel = expert_kernel(fmt, device, act)
+        self.cpu_kernel = expert_kernel(fmt, torch.device("cpu"), act)  # CPU experts beside a GPU
+        self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files(), drop_cache=drop_page_cache)
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-io")
         # The compute-side tier: GPU slots, or on a CPU the RAM cache itself.
-        self.pool = SlotPool(placement.device_slots, *shape, device, dtype)
+        self.pool = SlotPool(placement.device_slots, fmt, device)
         self.cache = ExpertCache(placement.device_slots, make_policy(policy), self.layers, split)
         self.gpu = device.type == "cuda"
         # A host tier between disk and the compute slots: always with a GPU; on a CPU only when
@@ -69,7 +73,7 @@ class OffloadedExperts:
         # (offload/scheduler.py decides from a hardware profile); None: always fetch.
         self.decide = decide if self.tiered else None
         if self.tiered:
-            self.host_pool = SlotPool(placement.host_slots, *shape, torch.device("cpu"), dtype, pin=self.gpu)
+            self.host_pool = SlotPool(placement.host_slots, fmt, torch.device("cpu"), pin=self.gpu)
             self.host_cache = ExpertCache(placement.host_slots, make_policy(policy), self.layers, split)
             self.host_busy: set = set()  # host slots being filled, copied from or computed from
             self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
@@ -186,11 +190,10 @@ class OffloadedExperts:
 
     def _cpu_expert(self, layer, expert, host_slot, from_disk, hidden, ids, weights):
         """CPU worker thread: read the expert into its host slot if needed, then compute it there."""
-        gate_up, down = self.host_pool[host_slot]
         if from_disk:
             self._host_ready(host_slot)
-            self.reader.read(layer, expert, gate_up, down)
-        return contribution(hidden, ids, weights, expert, gate_up, down, self.act)
+            self.reader.read(layer, expert, self.host_pool.targets(host_slot))
+        return contribution(hidden, ids, weights, expert, self.host_pool[host_slot], self.cpu_kernel)
 
     def _admit(self, key, busy) -> int:
         slot, evicted = self.cache.admit(key, busy)
@@ -240,7 +243,7 @@ class OffloadedExperts:
                     self.copy_done[key] = future.result()  # still needed to order the first use after the copy
 
     def _compute(self, hidden, ids, weights, expert: int, slot: int):
-        part = contribution(hidden, ids, weights, expert, *self.pool[slot], self.act)
+        part = contribution(hidden, ids, weights, expert, self.pool[slot], self.kernel)
         if self.gpu:
             # The next copy into this slot must wait for the kernels just queued.
             event = torch.cuda.Event()
@@ -254,7 +257,7 @@ class OffloadedExperts:
         counters = self.stats[layer]
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
-            return self.io.submit(self.reader.read, layer, expert, *self.pool[slot])
+            return self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
         host_slot, from_disk = self._host_slot((layer, expert), counters)
         counters.bytes_to_device += self.expert_bytes
         released = self.slot_released[slot] if self.gpu else None
@@ -295,20 +298,17 @@ class OffloadedExperts:
 
     def _to_device(self, layer, expert, slot, host_slot, from_disk, released):
         """I/O thread: disk -> host slot (if needed), then host -> compute slot (on the copy stream on a GPU)."""
-        host_gate_up, host_down = self.host_pool[host_slot]
         if from_disk:
             self._host_ready(host_slot)
-            self.reader.read(layer, expert, host_gate_up, host_down)
-        gate_up, down = self.pool[slot]
+            self.reader.read(layer, expert, self.host_pool.targets(host_slot))
+        src, dst = self.host_pool.data[host_slot], self.pool.data[slot]  # one expert's bytes, any format
         if not self.gpu:
-            gate_up.copy_(host_gate_up)
-            down.copy_(host_down)
+            dst.copy_(src)
             return None
         with torch.cuda.stream(self.copy_stream):
             if released is not None:
                 self.copy_stream.wait_event(released)  # the slot's last reader has run
-            gate_up.copy_(host_gate_up, non_blocking=True)
-            down.copy_(host_down, non_blocking=True)
+            dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         self.host_copied[host_slot] = done

@@ -18,6 +18,7 @@ import torch
 
 from .config import ModelConfig, RuntimeConfig
 from .errors import OffloadError
+from .formats import ExpertFormat, parse_experts
 
 GiB = 1 << 30
 # Measured budgets keep this much back: the OS, activations, the KV cache and allocator slack.
@@ -44,14 +45,17 @@ class Placement:
     device_slots: int  # experts held where they are computed (GPU slots, or the RAM cache on a CPU)
     host_slots: int  # pinned host RAM tier in front of disk (GPU only; 0 on a CPU)
     split: str = "layer"  # slots in equal per-layer shares, or one "global" pool (both tiers)
+    expert_format: str = ""  # "bf16", "int8", "int4-g32", ... (offload/formats.py)
 
     def describe(self) -> str:
+        lossy = self.expert_format.startswith("int")
+        what = f"{self.expert_format} experts" + (" (quantized, lossy)" if lossy else "") if self.expert_format else "experts"
         if self.mode == "resident":
-            return (f"all {self.total_experts} experts resident on {self.device_type} "
+            return (f"all {self.total_experts} {what} resident on {self.device_type} "
                     f"({fmt_bytes(self.total_experts * self.expert_bytes)}), "
                     f"other weights {fmt_bytes(self.resident_bytes)}")
         where = "RAM cache" if self.device_type == "cpu" else "GPU slots"
-        text = (f"{self.device_slots}/{self.total_experts} experts in the {where} "
+        text = (f"{self.device_slots}/{self.total_experts} {what} in the {where} "
                 f"({fmt_bytes(self.device_slots * self.expert_bytes)})")
         if self.device_type != "cpu":
             text += f", {self.host_slots} in pinned host RAM ({fmt_bytes(self.host_slots * self.expert_bytes)})"
@@ -62,8 +66,14 @@ class Placement:
         return text + f"; other weights {fmt_bytes(self.resident_bytes)}"
 
 
-def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
+def expert_format(cfg: ModelConfig, dtype: torch.dtype, experts=None) -> ExpertFormat:
+    """The format of `experts` ("int4", "int8", None = dense in `dtype`) at the model's shape."""
+    kind, group = parse_experts(experts)
+    return ExpertFormat(kind, cfg.hidden_size, cfg.moe_intermediate_size, dtype, group)
+
+
+def expert_bytes(cfg: ModelConfig, dtype: torch.dtype, experts=None) -> int:
+    return expert_format(cfg, dtype, experts).nbytes
 
 
 def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -78,10 +88,13 @@ def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: torch.dtype,
-         resident_bytes: int, host_free: int | None = None, device_free: int | None = None) -> Placement:
+         resident_bytes: int, host_free: int | None = None, device_free: int | None = None,
+         fmt: ExpertFormat | None = None) -> Placement:
     """`host_free` and `device_free` (bytes) are measured here when None; the simulator
-    passes a hardware profile's memory instead, so it plans exactly as a run on that machine."""
-    per_expert = expert_bytes(cfg, dtype)
+    passes a hardware profile's memory instead, so it plans exactly as a run on that machine.
+    Slots are sized by `fmt`, the experts' format (default: dense in `dtype`)."""
+    fmt = fmt or expert_format(cfg, dtype)
+    per_expert = fmt.nbytes
     layers = sum(cfg.sparse_layers)
     total = layers * cfg.num_experts
 
@@ -92,7 +105,7 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
 
     def common(split: str) -> dict:
         return dict(device_type=device.type, expert_bytes=per_expert, total_experts=total, sparse_layers=layers,
-                    resident_bytes=resident_bytes, split=split)
+                    resident_bytes=resident_bytes, split=split, expert_format=fmt.name)
 
     def resident() -> Placement:
         return Placement("resident", device_slots=total, host_slots=0, **common("layer"))
@@ -159,3 +172,37 @@ def _check(slots: int, minimum: int, per_expert: int, what: str, resident: int, 
     other = " (or use cache_split='global', which needs top_k slots in all)" if split == "layer" else ""
     raise OffloadError(f"{source} is too small: it needs at least {fmt_bytes(need)} for {parts}; "
                        f"raise {what} to at least {fmt_bytes(need)}{other}")
+
+
+def memory_available() -> int:
+    """Bytes this process may still fill: free RAM, or less under a cgroup memory limit
+    (v2 memory.max or v1 memory.limit_in_bytes), where the page cache counts too."""
+    available = psutil.virtual_memory().available
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return available
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            files = (f"/sys/fs/cgroup{path}/memory.max", f"/sys/fs/cgroup{path}/memory.current")
+        elif "memory" in controllers.split(","):
+            files = (f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes",
+                     f"/sys/fs/cgroup/memory{path}/memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit, used = (open(p).read().strip() for p in files)
+        except OSError:
+            continue
+        if limit.isdigit() and used.isdigit():
+            available = min(available, int(limit) - int(used))
+    return available
+
+
+def page_cache_too_small(checkpoint) -> bool:
+    """Whether the kernel's page cache cannot hold the checkpoint beside us: then it only duplicates
+    the expert cache (each read expert held twice, evicting each other), so reads drop their pages."""
+    on_disk = sum(f.stat().st_size for f in checkpoint.shard_files())
+    return on_disk > memory_available()

@@ -198,23 +198,29 @@ MiB = 1 << 20
 
 
 def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, intermediate: int | None = None,
-            dtype: str | None = None, read_bytes: int = 512 * MiB, batch: int = 64, repeats: int = 5
-            ) -> HardwareProfile:
+            dtype: str | None = None, read_bytes: int = 512 * MiB, batch: int = 64, repeats: int = 5,
+            experts: str | None = None) -> HardwareProfile:
     """Measure this machine. The expert shape and dtype are the model's (config.json) when given,
     else H=2048, I=5632 in bf16 (a 69 MB expert). The matmul timings rotate through copies of
     the weights larger than any cache, so batch 1 measures memory bandwidth as a real model's
-    experts see it. Each rate is the median of `repeats` runs."""
+    experts see it. The expert kernel is the one the model's expert format runs (int8/int4 for a
+    quantized model, or as `experts` says). Each rate is the median of `repeats` runs."""
     import psutil
     import torch
 
     from .config import DTYPES, resolve_device
 
+    from .formats import ExpertFormat, parse_experts
+
     H, I, name = 2048, 5632, "bfloat16"
+    kind, group = parse_experts(experts)
     if model_dir is not None:
         from .checkpoint import Checkpoint
 
         ckpt = Checkpoint(Path(model_dir))
         H, I, name = ckpt.config.hidden_size, ckpt.config.moe_intermediate_size, ckpt.config.dtype
+        if ckpt.expert_format.quantized and experts is None:
+            kind, group = ckpt.expert_format.kind, ckpt.expert_format.group_size
         ckpt.close()
     H, I, name = hidden or H, intermediate or I, dtype or name
     if name not in DTYPES:
@@ -224,8 +230,9 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
     cpu_dtype = torch.float32 if weights == torch.float16 else weights
     dev, cpu = resolve_device(device), torch.device("cpu")
     threads = torch.get_num_threads()
-    cpu_1 = _expert_gflops(cpu, H, I, cpu_dtype, 1, repeats)
-    cpu_b = _expert_gflops(cpu, H, I, cpu_dtype, batch, repeats)
+    cpu_fmt = ExpertFormat(kind, H, I, cpu_dtype, group)
+    cpu_1 = _expert_gflops(cpu, cpu_fmt, 1, repeats)
+    cpu_b = _expert_gflops(cpu, cpu_fmt, batch, repeats)
     device_memory = h2d = dev_1 = dev_b = 0
     what = _cpu_name()
     if dev.type == "cuda" and torch.cuda.is_available():
@@ -233,9 +240,10 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
         src = torch.empty(256 * MiB, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty_like(src, device=dev)
         h2d = src.numel() / _median_seconds(lambda: dst.copy_(src, non_blocking=True), repeats, torch.cuda.synchronize)
-        dev_1 = _expert_gflops(dev, H, I, weights, 1, repeats)
+        dev_fmt = ExpertFormat(kind, H, I, weights, group)
+        dev_1 = _expert_gflops(dev, dev_fmt, 1, repeats)
         # A GPU's fp16 ridge point is ~200 FLOP/byte, i.e. ~200 tokens: at 64 it is still bandwidth bound.
-        dev_b = max(dev_1, _expert_gflops(dev, H, I, weights, max(batch, 512), repeats))
+        dev_b = max(dev_1, _expert_gflops(dev, dev_fmt, max(batch, 512), repeats))
         what += f" + {torch.cuda.get_device_name(dev)}"
     disk, disk_where = _disk_bandwidth(model_dir, read_bytes)
     return HardwareProfile(
@@ -245,7 +253,8 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
         cpu_gflops_1=round(cpu_1, 3), cpu_gflops_batch=round(max(cpu_b, cpu_1), 3),
         device_gflops_1=round(dev_1, 3), device_gflops_batch=round(dev_b, 3), cpu_threads=threads,
         source=(f"measured here with offload.profile.measure() on {datetime.date.today().isoformat()}: {what}, "
-                f"{threads} CPU threads, expert H={H} I={I} {name} (CPU in {str(cpu_dtype)[6:]}), "
+                f"{threads} CPU threads, expert H={H} I={I} {cpu_fmt.name if cpu_fmt.quantized else name} "
+                f"(CPU in {str(cpu_dtype)[6:]}), "
                 f"batch {batch}, disk read of {disk_where}"),
     )
 
@@ -262,27 +271,28 @@ def _median_seconds(run, repeats: int, sync=lambda: None) -> float:
     return statistics.median(times[1:])
 
 
-def _expert_gflops(device, H: int, I: int, dtype, n: int, repeats: int) -> float:
-    """The runtime's own expert FFN (offload.experts.expert_ffn, weights as the engine keeps them)
-    on n tokens: 2 * 3 * H * I * n FLOPs. Calls rotate through copies of the weights that
-    together exceed any last-level cache (256 MiB), so each call streams its weights from memory
-    as a real model's experts do; one expert reused would sit in cache and flatter batch 1."""
+def _expert_gflops(device, fmt, n: int, repeats: int) -> float:
+    """The runtime's own expert kernel for `fmt` (offload.kernels.expert_kernel, an expert's bytes
+    as the engine keeps them in a slot) on n tokens: 2 * 3 * H * I * n FLOPs. Calls rotate through
+    copies of the expert that together exceed any last-level cache (256 MiB), so each call streams
+    its weights from memory as a real model's experts do; one expert reused would sit in cache
+    and flatter batch 1."""
     import torch
     import torch.nn.functional as F
 
-    from .experts import expert_ffn
+    from .kernels import expert_kernel
 
+    H, I = fmt.hidden, fmt.width
     gen = torch.Generator().manual_seed(0)
-    size = 3 * H * I * torch.empty((), dtype=dtype).element_size()
-    copies = max(2, -(-256 * MiB // size))
-    experts = [((torch.randn(2 * I, H, generator=gen) * 0.02).to(device, dtype),  # gate_up [2I, H]
-                (torch.randn(H, I, generator=gen) * 0.02).to(device, dtype))  # down [H, I]
-               for _ in range(copies)]
-    x = torch.randn(n, H, generator=gen).to(device, dtype)  # [n, H]
+    one = fmt.quantize(*(torch.randn(*shape, generator=gen) * 0.02 for shape in ((I, H), (I, H), (H, I))))
+    copies = max(2, -(-256 * MiB // fmt.nbytes))
+    slots = one.to(device).repeat(copies, 1)  # [copies, nbytes]: distinct memory, same expert
+    x = torch.randn(n, H, generator=gen).to(device, fmt.dtype)  # [n, H]
+    kernel = expert_kernel(fmt, device, F.silu)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     turn = iter(range(1 << 62))
     with torch.inference_mode():
-        seconds = _median_seconds(lambda: expert_ffn(x, *experts[next(turn) % copies], F.silu), repeats, sync)
+        seconds = _median_seconds(lambda: kernel(x, fmt.views(slots[next(turn) % copies])), repeats, sync)
     return 6 * H * I * n / seconds / 1e9
 
 

@@ -122,13 +122,13 @@ def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     save_file(tensors, str(tmp / "trace.safetensors"))
     (tmp / "header.json").write_text(json.dumps(full, indent=2))
-    _as_umask_allows(tmp)
+    as_umask_allows(tmp)
     if path.exists():
         path.rmdir()
     tmp.rename(path)
 
 
-def _as_umask_allows(folder: Path) -> None:
+def as_umask_allows(folder: Path) -> None:
     """mkdtemp makes its folder 0700 and safetensors writes 0600: give the finished trace the
     permissions any file the user creates would get, so it can be shared like one."""
     umask = os.umask(0)

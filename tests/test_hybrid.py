@@ -19,7 +19,7 @@ def tiered(llm, device_slots, host_slots, decide=None):
     placement = dataclasses.replace(llm.placement, mode="offloaded", device_slots=device_slots,
                                     host_slots=host_slots)
     llm.stats.experts.reset()
-    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.dtype, "lru", "layer",
+    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.expert_format, "lru", "layer",
                               llm.stats.experts, decide=decide)
     llm.model.set_executor(engine)
     llm.experts = engine
@@ -96,7 +96,7 @@ def test_wrong_prefetches_still_in_flight_never_block_a_layer(pair, monkeypatch)
     expected = resident.generate(PROMPT, max_new_tokens=16).token_ids
     placement = dataclasses.replace(llm.placement, mode="offloaded", device_slots=6, host_slots=0)
     llm.stats.experts.reset()
-    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.dtype, "lru", "layer", llm.stats.experts,
+    engine = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.expert_format, "lru", "layer", llm.stats.experts,
                               prefetch=Prefetcher(Wrong(), top_k=2, limit=2, threshold=0.0))
     slow_read = engine.reader.read
 

@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 
 from offload.cache.store import ExpertReader, SlotPool
+from offload.formats import ExpertFormat
 from offload.checkpoint import Checkpoint
 
 
@@ -36,11 +37,11 @@ def test_reader_fills_slots_exactly_even_with_short_reads(model_dir, monkeypatch
 
     monkeypatch.setattr(os, "preadv", short)
     reader = ExpertReader(ckpt.expert_extents, ckpt.shard_files())
-    pool = SlotPool(1, cfg.hidden_size, cfg.moe_intermediate_size, torch.device("cpu"), dtype)
+    pool = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, dtype), torch.device("cpu"))
     for layer, expert in [(0, 0), (1, 3)]:
-        reader.read(layer, expert, *pool[0])
+        reader.read(layer, expert, pool.targets(0))
         gate_up, down = expected(path, ("w1", "w3", "w2"), layer, expert, fused)
-        assert torch.equal(pool.gate_up[0], gate_up.to(dtype)) and torch.equal(pool.down[0], down.to(dtype))
+        assert torch.equal(pool[0][0], gate_up.to(dtype)) and torch.equal(pool[0][1], down.to(dtype))
     # Adjacent per-expert tensors in the slot's dtype: one read scattered into three buffers;
     # fused rows (down lies elsewhere) or a dtype conversion: one buffer per read.
     assert max(calls) == (3 if not fused and dtype == torch.float32 else 1)

@@ -1,0 +1,105 @@
+"""Expert FFN kernels, one per (format, device), picked once at load:
+
+    kernel = expert_kernel(fmt, device, act)
+    y = kernel(x, packed)          # x [n, H], packed = fmt.views(slot bytes) -> y [n, H]
+
+The engine and the resident executor call only this, so they never branch on
+formats. What each computes is down(act(gate(x)) * up(x)):
+
+  dense               F.linear in the compute dtype
+  int8, CPU           torch._weight_int8pack_mm (bf16 activations) below DEQUANT_TOKENS tokens
+  int4, CPU           torch._weight_int4pack_mm_for_cpu (bf16 activations, the slot's nibbles as read
+                      from disk) below DEQUANT_TOKENS tokens
+  quantized, else     dequantize into the compute dtype, then F.linear: the GPU path for now (any
+                      CUDA card, the T4 included), prefill-sized batches on the CPU (where bf16 GEMMs
+                      beat the weight-only kernels), and a torch whose int4 packing changed
+
+The choice depends only on the format, the device and the number of tokens an
+expert gets, never on where the expert sits, so resident and offloaded runs
+of one model stay bit-identical. torch's int8/int4 ops are private; they are
+used only through this file, with the dequantize path as the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .formats import ExpertFormat
+from .quant import pack_int4
+
+Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
+# From this many tokens per expert on, the CPU dequantizes and runs bf16/fp32 GEMMs: the weight-only
+# kernels win at batch 1 (3-5x) and lose at prefill sizes (scripts/bench_cpu_experts.py --formats).
+DEQUANT_TOKENS = 16
+
+
+def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) for one expert; x [n, H] -> [n, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up, down)
+
+
+@functools.cache
+def cpu_int4_kernel_agrees() -> bool:
+    """Whether this torch has the CPU int4 kernel and packs nibbles in our on-disk layout."""
+    try:
+        q = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        return torch.equal(torch._convert_weight_to_int4pack_for_cpu(q, 1), pack_int4(q.to(torch.uint8)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.cache
+def cpu_int8_kernel_available() -> bool:
+    try:
+        x = torch.zeros(1, 32, dtype=torch.bfloat16)
+        torch._weight_int8pack_mm(x, torch.zeros(32, 32, dtype=torch.int8), torch.ones(32, dtype=torch.bfloat16))
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable) -> Kernel:
+    if fmt.kind == "dense":
+        return lambda x, packed: dense_ffn(x, packed[0], packed[1], act)
+
+    def dequantized(x, packed):
+        gate_up, down = fmt.dequantize(packed, x.dtype)
+        return dense_ffn(x, gate_up, down, act)
+
+    if device.type != "cpu":
+        return dequantized
+    if fmt.kind == "int8" and cpu_int8_kernel_available():
+        def matmul(x, q, s):
+            return torch._weight_int8pack_mm(x, q, s)
+    elif fmt.kind == "int4" and cpu_int4_kernel_agrees():
+        group = fmt.group_size
+
+        def matmul(x, q, sz):
+            return torch._weight_int4pack_mm_for_cpu(x, q, group, sz)
+    else:
+        return dequantized
+
+    def weight_only(x, packed):
+        if x.shape[0] >= DEQUANT_TOKENS:
+            return dequantized(x, packed)
+        xb = x.to(torch.bfloat16)  # [n, H]: the kernels take bf16 activations
+        gate, up = matmul(xb, packed[0], packed[1]).chunk(2, dim=-1)  # [n, I] each
+        return matmul(act(gate) * up, packed[2], packed[3]).to(x.dtype)
+
+    return weight_only
+
+
+def kernel_name(fmt: ExpertFormat, device: torch.device) -> str:
+    """What `expert_kernel` picked, in words (describe() prints it)."""
+    if fmt.kind == "dense":
+        return f"{fmt.name} F.linear"
+    if device.type == "cpu" and ((fmt.kind == "int8" and cpu_int8_kernel_available())
+                                 or (fmt.kind == "int4" and cpu_int4_kernel_agrees())):
+        return (f"torch's {fmt.kind} weight-only kernel below {DEQUANT_TOKENS} tokens per expert, "
+                f"dequantized GEMM above")
+    return "dequantized to the compute dtype, then F.linear"

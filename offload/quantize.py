@@ -1,0 +1,158 @@
+"""`offload quantize`: a model directory with int8 or int4 experts, written once.
+
+The output is an ordinary model directory: config.json (the source's, plus a
+`quantization` block naming the format), the tokenizer files copied, and
+safetensors shards holding the non-expert weights unchanged and, per MoE
+layer, one uint8 tensor `...experts.packed` [E, bytes per expert] whose row e
+is expert e in the format of offload/formats.py (one contiguous extent).
+
+It streams: one layer's non-expert tensors and packed experts at a time, each
+expert read alone, so the peak memory is about one layer in the output format
+plus one expert in float. Everything is written into a hidden temporary
+directory next to `out`, renamed into place at the end; an error or Ctrl-C
+removes it, so `out` is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import PACKED, Checkpoint, resolve_model_path
+from .errors import OffloadError
+from .formats import CONFIG_KEY, ExpertFormat, parse_experts
+from .predictors.trace import as_umask_allows
+
+INDEX = "model.safetensors.index.json"
+
+
+def quantize_model(model, out, experts: str = "int4", group_size: int | None = None, progress: bool = True) -> Path:
+    """Write `model` (a directory or hub id) with its experts in `experts` ("int8" or "int4") to `out`."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from .cache.store import ExpertReader, SlotPool
+
+    kind, default_group = parse_experts(experts)
+    if kind == "dense":
+        raise OffloadError(f"experts={experts!r} is not a quantized format; use int8 or int4")
+    group = (group_size or default_group) if kind == "int4" else 0
+    if kind == "int8" and group_size:
+        raise OffloadError("--group-size applies to int4 only; int8 has one scale per output channel")
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OffloadError(f"{out} already exists and is not an empty directory; choose a new --out "
+                           "(nothing was written)")
+    src = resolve_model_path(model)
+    ckpt = Checkpoint(src)
+    try:
+        if ckpt.expert_format.quantized:
+            raise OffloadError(f"{src} already holds {ckpt.expert_format.name} experts; quantize the original "
+                               "(unquantized) checkpoint instead")
+        cfg = ckpt.config
+        fmt = ExpertFormat(kind, cfg.hidden_size, cfg.moe_intermediate_size, cfg.torch_dtype, group)
+        reading = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, torch.float32),
+                           torch.device("cpu"))
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        tmp.mkdir(parents=True)
+        try:
+            reader = ExpertReader(ckpt.expert_extents, ckpt.shard_files())
+            weight_map: dict[str, str] = {}
+            names = [n for n in ckpt.weight_map if n.startswith(("model.", "lm_head."))]
+            moe = set(cfg.moe_layers)
+            bar = tqdm(total=len(cfg.moe_layers) * cfg.num_experts, unit="expert", disable=not progress,
+                       desc=f"quantizing experts to {fmt.name}", file=sys.stderr)
+            try:
+                for layer in range(cfg.num_layers):
+                    prefix = f"model.layers.{layer}."
+                    tensors = {n: ckpt.tensor(n) for n in names if n.startswith(prefix) and not _is_expert(n)}
+                    if layer in moe:
+                        packed = torch.empty((cfg.num_experts, fmt.nbytes), dtype=torch.uint8)  # [E, bytes]
+                        for e in range(cfg.num_experts):
+                            reader.read(layer, e, reading.targets(0))
+                            gate_up, down = reading[0]
+                            packed[e] = fmt.quantize(gate_up[:cfg.moe_intermediate_size],
+                                                     gate_up[cfg.moe_intermediate_size:], down)
+                            bar.update()
+                        tensors[f"{prefix}{cfg.family.moe_prefix}.{PACKED}"] = packed
+                    _save_shard(save_file, tmp, f"model-layer{layer:05d}.safetensors", tensors, weight_map)
+                rest = {n: ckpt.tensor(n) for n in names if not n.startswith("model.layers.")}
+                _save_shard(save_file, tmp, "model-rest.safetensors", rest, weight_map)
+            finally:
+                bar.close()
+                reader.close()
+            total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+            _copy_side_files(src, tmp, fmt)
+            as_umask_allows(tmp)
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            tmp.rename(out)
+        except BaseException:  # errors and Ctrl-C alike: leave nothing half-written
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        ckpt.close()
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    """Routed expert weights (per-expert or fused); routers and shared experts are not."""
+    return ".experts." in name
+
+
+def _save_shard(save_file, directory: Path, shard: str, tensors: dict, weight_map: dict) -> None:
+    if not tensors:
+        return
+    save_file({n: t.contiguous() for n, t in tensors.items()}, directory / shard, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, shard))
+
+
+def _copy_side_files(src: Path, dst: Path, fmt: ExpertFormat) -> None:
+    """config.json with the quantization block; tokenizer, generation config and the rest as they are."""
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json"):
+            shutil.copy2(f, dst / f.name)
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config[CONFIG_KEY] = fmt.config_block()
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
+# ---- load(model, experts="int4"): quantize once into the user's cache ----------------
+
+def cache_root() -> Path:
+    base = os.environ.get("MOE_OFFLOAD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
+    return Path(base) / "quantized"
+
+
+def cached_quantized(src: Path, experts: str, echo=None) -> Path:
+    """The quantized copy of `src` in the cache (made now if absent). The key covers the
+    source's path, config and shard sizes and times, so a changed source is quantized again."""
+    kind, group = parse_experts(experts)
+    fingerprint = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.iterdir()):
+        if f.name == "config.json" or f.name.endswith(".safetensors"):
+            st = f.stat()
+            fingerprint.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    name = f"{src.name}-{fingerprint.hexdigest()[:12]}-{kind}" + (f"-g{group}" if kind == "int4" else "")
+    target = cache_root() / name
+    if (target / "config.json").is_file():
+        return target
+    if echo is not None:
+        echo(f"quantizing the experts of {src} to {experts} once, into {target} (reused next time; "
+             f"set MOE_OFFLOAD_CACHE to put it elsewhere)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return quantize_model(src, target, kind, group or None, progress=echo is not None)
+    except OSError as exc:
+        if (target / "config.json").is_file():  # another process finished it first
+            return target
+        raise OffloadError(f"could not write the quantized copy to {target} ({exc}); free some disk space or "
+                           "set MOE_OFFLOAD_CACHE to another directory") from None
