@@ -104,6 +104,7 @@ class Runtime:
         # Plan before loading anything: a budget that cannot work fails fast, with nothing allocated.
         self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype),
                               fmt=self.expert_format)
+        self.checkpoint.check_experts(self.expert_format)
         self.model = self._build_model()
         self._stats = RuntimeStats(ExpertStats(cfg.moe_layers))
         if self.placement.mode == "resident":

@@ -10,6 +10,7 @@ names or from transformers' fused `experts.gate_up_proj` / `experts.down_proj`
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from contextlib import ExitStack
@@ -137,7 +138,11 @@ class Checkpoint:
             if self.expert_format.quantized:
                 name = f"{prefix}.{PACKED}"
                 if self.has(name):
-                    return (self._extent(name).row(expert),)
+                    stacked = self._extent(name)
+                    if len(stacked.shape) != 2 or stacked.shape[0] != self.config.num_experts:
+                        raise OffloadError(f"{name} has shape {stacked.shape}, not [num_experts="
+                                           f"{self.config.num_experts}, bytes per expert]; quantize the model again")
+                    return (stacked.row(expert),)
                 continue
             base = f"{prefix}.experts.{expert}."
             names = [self.find(base + n + ".weight", base + n) for n in (gate_n, up_n, down_n)]
@@ -148,6 +153,24 @@ class Checkpoint:
                 gate, up = self._extent(fused).row(expert).split_rows()
                 return gate, up, self._extent(down).row(expert)
         raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
+
+    def check_experts(self, fmt) -> None:
+        """Every routed expert's extents against the slot they are read into (`fmt`, the runtime's
+        format): a wrong size or dtype is a damaged or mismatched checkpoint, refused at load
+        rather than read into a slot as garbage."""
+        targets = fmt.read_targets(torch.empty(fmt.nbytes, dtype=torch.uint8))
+        for layer in self.config.moe_layers:
+            for expert in range(self.config.num_experts):
+                extents = self.expert_extents(layer, expert)
+                for extent, target in zip(extents, targets):
+                    size = math.prod(extent.shape)
+                    if len(extents) != len(targets) or size != target.numel() or (
+                            fmt.quantized and extent.dtype != torch.uint8):
+                        raise OffloadError(
+                            f"expert {expert} of layer {layer} in {extent.file.name} holds {size} "
+                            f"{str(extent.dtype)[6:]} values, but {fmt.name} experts of this config need "
+                            f"{target.numel()} {str(target.dtype)[6:]}; the checkpoint is damaged or does not "
+                            "match its config.json" + (" (quantize it again)" if fmt.quantized else ""))
 
     def _extent(self, name: str):
         from .cache.store import safetensors_extents
