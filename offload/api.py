@@ -106,7 +106,7 @@ class Runtime:
                               fmt=self.expert_format)
         self.checkpoint.check_experts(self.expert_format)
         self.model = self._build_model()
-        self._stats = RuntimeStats(ExpertStats(cfg.moe_layers))
+        self._stats = RuntimeStats(ExpertStats(cfg.moe_layers), self.expert_format.name, self.expert_format.nbytes)
         if self.placement.mode == "resident":
             self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
                                                 self._stats.experts)

@@ -22,11 +22,10 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .errors import OffloadError
 from .formats import stored_format
+from .writer import PACKED
 from .models import family_for
 
 # Weights and configs only; chat_template.jinja is where transformers 5 keeps the chat template.
-# A quantized model directory's experts, per MoE layer: uint8 [E, bytes per expert], one row per expert.
-PACKED = "experts.packed"
 _HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
 

@@ -16,7 +16,6 @@ removes it, so `out` is either complete or absent.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -24,17 +23,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PACKED, Checkpoint, resolve_model_path
+from .checkpoint import Checkpoint, resolve_model_path
 from .errors import OffloadError
-from .formats import CONFIG_KEY, ExpertFormat, parse_experts
-from .predictors.trace import as_umask_allows
-
-INDEX = "model.safetensors.index.json"
+from .formats import ExpertFormat, parse_experts
+from .writer import INDEX, PACKED, ModelWriter, check_new_directory, staged_directory
 
 
 def quantize_model(model, out, experts: str = "int4", group_size: int | None = None, progress: bool = True) -> Path:
     """Write `model` (a directory or hub id) with its experts in `experts` ("int8" or "int4") to `out`."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .cache.store import ExpertReader, SlotPool
@@ -46,9 +42,7 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
     if kind == "int8" and group_size:
         raise OffloadError("--group-size applies to int4 only; int8 has one scale per output channel")
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OffloadError(f"{out} already exists and is not an empty directory; choose a new --out "
-                           "(nothing was written)")
+    check_new_directory(out)
     src = resolve_model_path(model)
     ckpt = Checkpoint(src)
     try:
@@ -59,14 +53,12 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
         fmt = ExpertFormat(kind, cfg.hidden_size, cfg.moe_intermediate_size, cfg.torch_dtype, group)
         reading = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, torch.float32),
                            torch.device("cpu"))
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        tmp.mkdir(parents=True)
-        try:
+        names = [n for n in ckpt.weight_map if n.startswith(("model.", "lm_head."))]
+        moe = set(cfg.moe_layers)
+        with staged_directory(out) as tmp:
+            writer = ModelWriter(tmp)
             reader = ExpertReader(ckpt.expert_extents, ckpt.shard_files())
-            weight_map: dict[str, str] = {}
-            names = [n for n in ckpt.weight_map if n.startswith(("model.", "lm_head."))]
-            moe = set(cfg.moe_layers)
-            bar = tqdm(total=len(cfg.moe_layers) * cfg.num_experts, unit="expert", disable=not progress,
+            bar = tqdm(total=len(moe) * cfg.num_experts, unit="expert", disable=not progress,
                        desc=f"quantizing experts to {fmt.name}", file=sys.stderr)
             try:
                 for layer in range(cfg.num_layers):
@@ -81,23 +73,16 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
                                                      gate_up[cfg.moe_intermediate_size:], down)
                             bar.update()
                         tensors[f"{prefix}{cfg.family.moe_prefix}.{PACKED}"] = packed
-                    _save_shard(save_file, tmp, f"model-layer{layer:05d}.safetensors", tensors, weight_map)
-                rest = {n: ckpt.tensor(n) for n in names if not n.startswith("model.layers.")}
-                _save_shard(save_file, tmp, "model-rest.safetensors", rest, weight_map)
+                    writer.add_layer(layer, tensors)
+                writer.add("model-rest.safetensors", {n: ckpt.tensor(n) for n in names
+                                                      if not n.startswith("model.layers.")})
             finally:
                 bar.close()
                 reader.close()
-            total = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
-            _copy_side_files(src, tmp, fmt)
-            as_umask_allows(tmp)
-            if out.exists():
-                out.rmdir()  # empty, checked above
-            tmp.rename(out)
-        except BaseException:  # errors and Ctrl-C alike: leave nothing half-written
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            for f in src.iterdir():  # tokenizer, generation config, chat template, model card
+                if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json"):
+                    shutil.copy2(f, tmp / f.name)
+            writer.finish(ckpt.raw_config, fmt)
     finally:
         ckpt.close()
     return out
@@ -106,23 +91,6 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
 def _is_expert(name: str) -> bool:
     """Routed expert weights (per-expert or fused); routers and shared experts are not."""
     return ".experts." in name
-
-
-def _save_shard(save_file, directory: Path, shard: str, tensors: dict, weight_map: dict) -> None:
-    if not tensors:
-        return
-    save_file({n: t.contiguous() for n, t in tensors.items()}, directory / shard, metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(tensors, shard))
-
-
-def _copy_side_files(src: Path, dst: Path, fmt: ExpertFormat) -> None:
-    """config.json with the quantization block; tokenizer, generation config and the rest as they are."""
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json"):
-            shutil.copy2(f, dst / f.name)
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config[CONFIG_KEY] = fmt.config_block()
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
 
 
 # ---- load(model, experts="int4"): quantize once into the user's cache ----------------

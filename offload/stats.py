@@ -90,6 +90,8 @@ class RuntimeStats:
     `stall_seconds`) are totals; `experts[layer]` has them per layer."""
 
     experts: ExpertStats
+    expert_format: str = ""  # "bf16", "int8", "int4-g32", ...: int formats are lossy (quantized)
+    bytes_per_expert: int = 0  # what one fetch moves, in that format
     requests: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -116,6 +118,9 @@ class RuntimeStats:
 
     def as_dict(self) -> dict:
         return {
+            "expert_format": self.expert_format,
+            "quantized": self.expert_format.startswith("int"),
+            "bytes_per_expert": self.bytes_per_expert,
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from offload.errors import OffloadError
+from offload.writer import as_umask_allows
 
 FORMAT = "offload-trace/1"
 
@@ -126,16 +127,6 @@ def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
     if path.exists():
         path.rmdir()
     tmp.rename(path)
-
-
-def as_umask_allows(folder: Path) -> None:
-    """mkdtemp makes its folder 0700 and safetensors writes 0600: give the finished trace the
-    permissions any file the user creates would get, so it can be shared like one."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for f in folder.iterdir():
-        f.chmod(0o666 & ~umask)
 
 
 class TraceRecorder:

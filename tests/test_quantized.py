@@ -165,6 +165,9 @@ def test_every_offloaded_configuration_is_bit_identical_to_the_resident_quantize
         total = llm.stats.experts.total()
         # Every read moves one packed expert: demand misses and prefetches, in the format's bytes.
         assert total.bytes_from_disk == (total.misses + total.prefetch_issued) * per_expert > 0
+        stats = llm.stats.as_dict()
+        assert stats["quantized"] and stats["expert_format"] == llm.placement.expert_format
+        assert stats["bytes_per_expert"] == per_expert
         llm.close()
 
 
