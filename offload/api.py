@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +11,7 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from .checkpoint import Checkpoint, read_json, resolve_model_path
+from .checkpoint import Checkpoint, read_json
 from .config import RuntimeConfig, resolve_device
 from .errors import OffloadError
 from .engine import OffloadedExperts
@@ -28,6 +27,7 @@ from .predictors.learned import FILENAME as PREDICTOR_FILE
 from .predictors.learned import LearnedPredictor
 from .prefetch import Prefetcher
 from .sampling import SamplingParams
+from .sources import model_directory, stderr
 from .stats import ExpertStats, GenerationStats, RuntimeStats
 from .tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memor
         from .demo import demo_model_path
 
         model = demo_model_path()
-    return Runtime(_with_experts(resolve_model_path(model), options.experts), options)
+    return Runtime(_with_experts(model_directory(model), options.experts), options)
 
 
 def _with_experts(path: Path, experts: str | None) -> Path:
@@ -84,7 +84,7 @@ def _with_experts(path: Path, experts: str | None) -> Path:
         return path
     from .quantize import cached_quantized
 
-    return cached_quantized(path, experts, echo=lambda m: print(m, file=sys.stderr))
+    return cached_quantized(path, experts, echo=stderr)
 
 
 class Runtime:

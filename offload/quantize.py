@@ -15,8 +15,6 @@ removes it, so `out` is either complete or absent.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -95,32 +93,13 @@ def _is_expert(name: str) -> bool:
 
 # ---- load(model, experts="int4"): quantize once into the user's cache ----------------
 
-def cache_root() -> Path:
-    base = os.environ.get("MOE_OFFLOAD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-offload"
-    return Path(base) / "quantized"
-
-
 def cached_quantized(src: Path, experts: str, echo=None) -> Path:
-    """The quantized copy of `src` in the cache (made now if absent). The key covers the
-    source's path, config and shard sizes and times, so a changed source is quantized again."""
+    """The quantized copy of `src` in the cache (made now if absent)."""
+    from .sources import cached_conversion
+
     kind, group = parse_experts(experts)
-    fingerprint = hashlib.sha256(str(src.resolve()).encode())
-    for f in sorted(src.iterdir()):
-        if f.name == "config.json" or f.name.endswith(".safetensors"):
-            st = f.stat()
-            fingerprint.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    name = f"{src.name}-{fingerprint.hexdigest()[:12]}-{kind}" + (f"-g{group}" if kind == "int4" else "")
-    target = cache_root() / name
-    if (target / "config.json").is_file():
-        return target
-    if echo is not None:
-        echo(f"quantizing the experts of {src} to {experts} once, into {target} (reused next time; "
-             f"set MOE_OFFLOAD_CACHE to put it elsewhere)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return quantize_model(src, target, kind, group or None, progress=echo is not None)
-    except OSError as exc:
-        if (target / "config.json").is_file():  # another process finished it first
-            return target
-        raise OffloadError(f"could not write the quantized copy to {target} ({exc}); free some disk space or "
-                           "set MOE_OFFLOAD_CACHE to another directory") from None
+    fmt = f"{kind}-g{group}" if kind == "int4" else kind
+    files = [f for f in src.iterdir() if f.name == "config.json" or f.name.endswith(".safetensors")]
+    return cached_conversion("quantized", f"{src.name}-{fmt}", files,
+                             lambda target: quantize_model(src, target, kind, group or None, progress=echo is not None),
+                             f"quantizing the experts of {src} to {fmt}", echo)
