@@ -286,21 +286,29 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
 @click.option("--tokens", default=512, show_default=True, help="Decode steps replayed, at most.")
 @click.option("--prompt-tokens", default=0, show_default=True,
               help="The first N tokens of each trace sequence are one prefill step, not decode steps.")
-@click.option("--table", is_flag=True, help="Sweep every shipped profile, policy, predictor and CPU setting.")
+@click.option("--experts", default=None,
+              help="Experts' format, as for generate: bf16, int8, int4 (group 32), int4-g64, int4-g128 "
+                   "(default: as the shape stores them).")
+@click.option("--table", is_flag=True, help="Sweep every shipped profile, policy, predictor and CPU setting "
+                                            "(at the --experts format).")
 def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_memory, cpu_memory, cache_split,
-             dtype, tokens, prompt_tokens, table):
+             dtype, tokens, prompt_tokens, experts, table):
     """Model the decode speed of a configuration by replaying a trace through the real caches and scheduler."""
     from offload.config import parse_memory
     from offload.predictors.trace import load_trace
     from offload.profile import load_profile, shipped_profiles
-    from offload.simulate import load_shape, predictor_scores
+    from offload.formats import parse_experts
+    from offload.simulate import load_shape, predictor_scores, stored_experts
     from offload.simulate import simulate as run
 
     cfg = load_shape(shape)
+    experts = experts or stored_experts(shape)
+    parse_experts(experts)  # a misspelt format fails here, not once per profile of a --table
     recorded = load_trace(trace_dir)
     fit, test = recorded.split(0.5)
     gpu, host = parse_memory(gpu_memory, "gpu_memory"), parse_memory(cpu_memory, "cpu_memory")
-    click.echo(f"{shape} sizes, routing from {trace_dir} ({min(test.num_tokens, tokens)} decode tokens replayed)")
+    click.echo(f"{shape} sizes, {experts or 'unquantized'} experts, routing from {trace_dir} "
+               f"({min(test.num_tokens, tokens)} decode tokens replayed)")
     header = f"{'profile':12} {'policy':6} {'predictor':9} {'cpu':4} {'tok/s':>8} {'hit':>5} {'CPU share':>9} " \
              f"{'disk MB/tok':>11} {'link MB/tok':>11} {'slots dev/host':>14} split"
     click.echo(header)
@@ -322,7 +330,7 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
                 for allow in ((False, True) if table and hw.device != "cpu" else (cpu,)):
                     try:
                         r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype,
-                                prompt_tokens)
+                                prompt_tokens, experts)
                     except OffloadError as exc:
                         if not table:
                             raise
@@ -359,6 +367,30 @@ def profile(model, device, out):
         click.echo(f"{field:20} {value}")
     if out:
         click.echo(f"wrote {save_profile(measured, out)}")
+
+
+@main.command("eval-quality")
+@click.argument("model_a")
+@click.argument("model_b")
+@click.option("--text", "text_file", required=True, metavar="FILE", help="UTF-8 text to score, e.g. held-out data.")
+@click.option("--window", default=None, type=int,
+              help="Tokens per scored window (they overlap by one); default: 512 or the context, if shorter.")
+@click.option("--max-tokens", default=20000, show_default=True,
+              help="Score at most this many tokens from the start of the text; 0 scores all of it.")
+@click.option("--experts-b", default=None,
+              help="Load MODEL_B with this expert format (int8, int4, int4-g32...), e.g. with MODEL_B = MODEL_A.")
+@click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default=None, help="Compute dtype (float32, bfloat16, float16); default: the checkpoint's.")
+@click.option("--threads", default=None, type=int, help="CPU threads for matmuls; default: torch's (one per core).")
+def eval_quality(model_a, model_b, text_file, window, max_tokens, experts_b, device, dtype, threads):
+    """Perplexity of MODEL_A (the reference) and MODEL_B on the --text FILE, KL(A || B) of their next-token
+    distributions and how often their likeliest tokens agree: what a lossy format costs."""
+    from offload.quality import compare
+
+    report = compare(model_a, model_b, text_file, window=window, max_tokens=max_tokens or None,
+                     experts_b=experts_b, progress=True, echo=lambda m: click.echo(m, err=True),
+                     device=device, dtype=dtype, threads=threads)
+    click.echo(report.table())
 
 
 if __name__ == "__main__":

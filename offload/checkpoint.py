@@ -166,9 +166,9 @@ class Checkpoint:
                     if len(extents) != len(targets) or size != target.numel() or (
                             fmt.quantized and extent.dtype != torch.uint8):
                         raise OffloadError(
-                            f"expert {expert} of layer {layer} in {extent.file.name} holds {size} "
-                            f"{str(extent.dtype)[6:]} values, but {fmt.name} experts of this config need "
-                            f"{target.numel()} {str(target.dtype)[6:]}; the checkpoint is damaged or does not "
+                            f"expert {expert} of layer {layer} in {extent.file.name} has shape {list(extent.shape)} "
+                            f"({size} {str(extent.dtype)[6:]} values), but {fmt.name} experts of this config need "
+                            f"shape {list(target.shape)}; the checkpoint is damaged or does not "
                             "match its config.json" + (" (quantize it again)" if fmt.quantized else ""))
 
     def _extent(self, name: str):

@@ -59,7 +59,8 @@ class ExpertFormat:
             if bad:
                 fits = [g for g in GROUP_SIZES if h % g == 0 and i % g == 0]
                 raise OffloadError(f"int4 group size {self.group_size} does not divide {' and '.join(bad)}; "
-                                   + (f"use --group-size {' or '.join(map(str, fits))}" if fits
+                                   + (f"use group size {' or '.join(map(str, fits))} (--group-size "
+                                      f"{fits[0]} for `offload quantize`, int4-g{fits[0]} for --experts)" if fits
                                       else "this model's shapes fit no int4 group size; use int8"))
             if h % INT4_BLOCK or (2 * i) % INT4_BLOCK:
                 raise OffloadError(f"int4 needs hidden_size ({h}) and 2 x moe_intermediate_size ({2 * i}) to be "

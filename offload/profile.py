@@ -35,7 +35,8 @@ UNITS = dict(  # the comment save_profile writes after each field
     h2d_bandwidth="bytes/s, pinned host -> device", disk_bandwidth="bytes/s, sequential read",
     cpu_gflops_1="GFLOP/s, expert at 1 token", cpu_gflops_batch="GFLOP/s, expert at a large batch",
     device_gflops_1="GFLOP/s, expert at 1 token", device_gflops_batch="GFLOP/s, expert at a large batch",
-    cpu_threads="threads for CPU experts", source="where the figures come from")
+    cpu_threads="threads for CPU experts", source="where the figures come from",
+    cpu_weight_bytes="bytes per expert weight the CPU kernel read for cpu_gflops_*: 2 for bf16")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class HardwareProfile:
     device_gflops_batch: float
     cpu_threads: int
     source: str = ""
+    # Bytes per expert weight that the CPU kernel read when cpu_gflops_* were taken: 2 for 16-bit
+    # weights, ~1 for int8, ~0.53-0.63 for int4. At batch 1 a CPU expert streams its weights, so the
+    # cost model scales cpu_gflops_1 by this over the simulated format's bytes (scheduler.CostModel);
+    # a profile measured on a quantized model says so here, and is not scaled twice.
+    cpu_weight_bytes: float = 2.0
 
     def __post_init__(self):
         where = f"profile {self.name!r}"
@@ -65,14 +71,16 @@ class HardwareProfile:
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise OffloadError(f"{where}: {f}={value!r} must be a whole number >= 0")
-        for f in RATE_FIELDS:
+        for f in RATE_FIELDS + ("cpu_weight_bytes",):
             value = getattr(self, f)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise OffloadError(f"{where}: {f}={value!r} must be a finite number of GFLOP/s >= 0")
+                unit = "bytes per weight" if f == "cpu_weight_bytes" else "GFLOP/s"
+                raise OffloadError(f"{where}: {f}={value!r} must be a finite number of {unit} >= 0")
         stray = [f for f in DEVICE_FIELDS if getattr(self, f)] if self.device == "cpu" else []
         if stray:
             raise OffloadError(f"{where}: a cpu profile has no device; set {', '.join(stray)} to 0")
-        required = ("host_memory", "disk_bandwidth", "cpu_gflops_1", "cpu_gflops_batch", "cpu_threads")
+        required = ("host_memory", "disk_bandwidth", "cpu_gflops_1", "cpu_gflops_batch", "cpu_threads",
+                    "cpu_weight_bytes")
         zero = [f for f in required + (DEVICE_FIELDS if self.device == "cuda" else ()) if getattr(self, f) <= 0]
         if zero:
             raise OffloadError(f"{where}: {', '.join(zero)} must be positive; fix the TOML or run "
@@ -86,6 +94,7 @@ class HardwareProfile:
 
 
 FIELDS = tuple(f.name for f in fields(HardwareProfile))
+OPTIONAL = ("source", "cpu_weight_bytes")  # have defaults: profiles written before them still load
 
 
 def _size(value, key: str, rate: bool) -> int:
@@ -104,7 +113,7 @@ def _size(value, key: str, rate: bool) -> int:
 
 def profile_from_dict(raw: dict, origin: str) -> HardwareProfile:
     unknown = sorted(set(raw) - set(FIELDS))
-    missing = [f for f in FIELDS if f not in raw and f != "source"]
+    missing = [f for f in FIELDS if f not in raw and f not in OPTIONAL]
     if unknown or missing:
         problem = "; ".join(f"{what} key(s) {', '.join(keys)}"
                             for what, keys in (("unknown", unknown), ("missing", missing)) if keys)
@@ -252,6 +261,7 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
         # A noisy run can put the batch figure under the batch-1 one; the roof cannot be lower.
         cpu_gflops_1=round(cpu_1, 3), cpu_gflops_batch=round(max(cpu_b, cpu_1), 3),
         device_gflops_1=round(dev_1, 3), device_gflops_batch=round(dev_b, 3), cpu_threads=threads,
+        cpu_weight_bytes=round(cpu_fmt.nbytes / (3 * H * I), 4),  # what the CPU kernel read: no double scaling
         source=(f"measured here with offload.profile.measure() on {datetime.date.today().isoformat()}: {what}, "
                 f"{threads} CPU threads, expert H={H} I={I} {cpu_fmt.name if cpu_fmt.quantized else name} "
                 f"(CPU in {str(cpu_dtype)[6:]}), "

@@ -72,8 +72,9 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
                             bar.update()
                         tensors[f"{prefix}{cfg.family.moe_prefix}.{PACKED}"] = packed
                     writer.add_layer(layer, tensors)
-                writer.add("model-rest.safetensors", {n: ckpt.tensor(n) for n in names
-                                                      if not n.startswith("model.layers.")})
+                rest = [n for n in names if not n.startswith("model.layers.")]
+                for i, name in enumerate(rest):  # one shard each: embeddings and LM head can be the largest
+                    writer.add(f"model-rest{i:02d}.safetensors", {name: ckpt.tensor(name)})
             finally:
                 bar.close()
                 reader.close()

@@ -18,6 +18,23 @@ prefill (hundreds of tokens per expert) costs the CPU n times the compute and
 makes the copy cheap by comparison. Prefill and decode come out differently
 from the arithmetic, not from a special case.
 
+Quantized experts (int8, int4): copies and reads move the format's bytes
+(`weight_bytes` per weight, scales included). On the CPU, the batch-1 figure
+scales with bytes too: torch's weight-only int8/int4 kernels stream the
+packed weights as F.linear streams bf16 ones, so
+
+    cpu gflops_1 at a format = cpu_gflops_1 * cpu_weight_bytes / weight_bytes
+
+with `cpu_weight_bytes` the bytes per weight the profile's CPU figures were
+taken at (2 for bf16; `offload profile` on a quantized model records its own,
+so a measured int4 figure is not scaled again), still capped by the batch
+roof. Measured on a 2-core EPYC, one thread, H=1024 I=3584 at 1 token: bf16
+1.74 ms, int8 0.78 ms (bytes / 2.0, time / 2.2), int4-g32 0.36 ms (bytes /
+3.2, time / 4.8): proportional to bytes, or better. The device figures are
+not scaled: the runtime's GPU path dequantizes a quantized expert into the
+compute dtype and runs the dense matmul (offload/kernels.py), so it is no
+faster than dense, and the dequantize pass itself is not modeled.
+
 Resources, each serial, running concurrently with the others:
 
     disk    reads disk experts into host RAM (either side needs the bytes first)
@@ -65,7 +82,7 @@ class CostModel:
     profile: HardwareProfile
     hidden: int  # H
     intermediate: int  # I, the routed expert width
-    weight_bytes: float = 2.0  # per expert weight: 2 for bf16/fp16, 0.5 for 4-bit
+    weight_bytes: float = 2.0  # per expert weight, scales included: 2 for bf16/fp16, ~0.53-0.63 for int4
     act_bytes: float = 2.0  # per activation element sent over the link
 
     def __post_init__(self):
@@ -87,9 +104,14 @@ class CostModel:
     def _seconds(flops: float, gflops_1: float, gflops_batch: float, n: int) -> float:
         return flops / (min(gflops_batch, gflops_1 * n) * 1e9)
 
-    def cpu_compute(self, n: int) -> float:
+    @property
+    def cpu_gflops_1(self) -> float:
+        """The profile's CPU batch-1 figure at this format's bytes per weight (see the module docstring)."""
         p = self.profile
-        return self._seconds(self.flops(n), p.cpu_gflops_1, p.cpu_gflops_batch, n)
+        return p.cpu_gflops_1 * p.cpu_weight_bytes / self.weight_bytes
+
+    def cpu_compute(self, n: int) -> float:
+        return self._seconds(self.flops(n), self.cpu_gflops_1, self.profile.cpu_gflops_batch, n)
 
     def device_compute(self, n: int) -> float:
         if self.cpu_only:

@@ -18,6 +18,12 @@ memory in place of measured free memory, so the simulator plans exactly as a
 run on that machine would. Routing comes from the trace; when the model has
 more MoE layers than the trace, the trace's layers repeat (MoE layer m
 replays trace layer m mod L).
+
+`experts=` ("int8", "int4", "int4-g64", ...) models quantized experts as
+`load(experts=...)` runs them: slots are sized by the format's bytes (scales
+included), disk reads and copies move those bytes, and the CPU's batch-1
+expert speed scales with them (scheduler.CostModel says why; the device's
+does not). The non-expert weights stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from .cache.state import ExpertCache
 from .config import ModelConfig, RuntimeConfig
 from .errors import OffloadError
 from .models import family_for
-from .placement import Placement, plan, resident_bytes
+from .formats import CONFIG_KEY, ExpertFormat, stored_format
+from .placement import Placement, expert_format, plan, resident_bytes
 from .predictors.base import rank
 from .profile import HardwareProfile
 from .scheduler import CostModel, ExpertWork, schedule
@@ -47,6 +54,21 @@ def shipped_shapes() -> list[str]:
 def load_shape(name: str) -> ModelConfig:
     """A shipped shape's name, a config.json (or the directory holding one), or a hub id
     (only its config.json is downloaded)."""
+    raw = _shape_json(name)
+    return ModelConfig.from_dict(raw, family_for(raw))
+
+
+def stored_experts(name: str) -> str | None:
+    """The expert format a shape's config.json says its experts are stored in ("int4-g32", ...),
+    or None for unquantized experts: what `simulate(experts=...)` models when not told otherwise."""
+    raw = _shape_json(name)
+    if CONFIG_KEY not in raw:
+        return None
+    cfg = ModelConfig.from_dict(raw, family_for(raw))
+    return stored_format(raw, cfg.hidden_size, cfg.moe_intermediate_size, torch.bfloat16).name
+
+
+def _shape_json(name: str) -> dict:
     from .checkpoint import read_json, resolve_model_path
 
     path = SHAPES_DIR / f"{name}.json"
@@ -59,8 +81,7 @@ def load_shape(name: str) -> ModelConfig:
             path = resolve_model_path(name, patterns=["config.json"])
         if path.is_dir():
             path = path / "config.json"
-    raw = read_json(path, "a model shape is its config.json")
-    return ModelConfig.from_dict(raw, family_for(raw))
+    return read_json(path, "a model shape is its config.json")
 
 
 @dataclass
@@ -76,13 +97,16 @@ class SimResult:
     prefill_seconds: float = 0.0  # mean modeled prefill time per sequence (0 without prompt_tokens)
 
 
-def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeConfig) -> tuple[Placement, torch.dtype]:
-    """Where the runtime would put the experts on the profile's machine, and in which dtype."""
+def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeConfig,
+                 experts: str | None = None) -> tuple[Placement, ExpertFormat]:
+    """Where the runtime would put the experts on the profile's machine, and in which format
+    (`experts` as for `load`; None: unquantized, in the compute dtype)."""
     device = torch.device(profile.device)
     dtype = options.compute_dtype(cfg.dtype, device)
     try:
+        fmt = expert_format(cfg, dtype, experts)
         return plan(cfg, options, device, dtype, resident_bytes(cfg, dtype), host_free=profile.host_memory,
-                    device_free=profile.device_memory), dtype
+                    device_free=profile.device_memory, fmt=fmt), fmt
     except OffloadError as exc:
         raise OffloadError(f"on {profile.name}: {exc}") from None
 
@@ -90,20 +114,22 @@ def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeCon
 def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "lru", scores: dict | None = None,
              cpu: bool = True, gpu_memory: int | None = None, cpu_memory: int | None = None,
              max_tokens: int = 512, cache_split: str = "auto", dtype: str | None = None,
-             prompt_tokens: int = 0) -> SimResult:
+             prompt_tokens: int = 0, experts: str | None = None) -> SimResult:
     """Decode the trace's tokens one by one; `scores` are a predictor's, from
     `predictors.evaluate.all_scores` ({trace layer: {trace layer + 1: [T, E]}}).
 
     With `prompt_tokens`, the first that many tokens of each trace sequence are one prefill
     step (every layer's experts with their token counts, as `generate` runs a prompt) and only
-    the rest are decode steps: figures then match a run's decode phase after a warm-up."""
+    the rest are decode steps: figures then match a run's decode phase after a warm-up.
+    `experts`: the experts' format, as `load(experts=...)` takes it ("int8", "int4", "int4-g64";
+    None: unquantized in the compute dtype; see `stored_experts` for a quantized model's own)."""
     if (trace.num_experts, trace.top_k) != (cfg.num_experts, cfg.top_k):
         raise OffloadError(f"the trace routes top-{trace.top_k} of {trace.num_experts} experts but the model "
                            f"uses top-{cfg.top_k} of {cfg.num_experts}; record a trace of that routing shape")
     options = RuntimeConfig(dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory, cache_policy=policy,
                             cache_split=cache_split)
-    placement, torch_dtype = placement_on(cfg, profile, options)
-    replay = _Replay(trace, profile, cfg, placement, torch_dtype, policy, scores, cpu)
+    placement, fmt = placement_on(cfg, profile, options, experts)
+    replay = _Replay(trace, profile, cfg, placement, fmt, policy, scores, cpu)
     prefill, decoded = [], 0
     for rows in trace.sequences():
         tokens = list(range(rows.start, rows.stop))
@@ -121,7 +147,7 @@ def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "l
 class _Replay:
     """The simulated runtime: the engine's caches, the scheduler's decisions, modeled time."""
 
-    def __init__(self, trace, profile, cfg, placement, dtype, policy, scores, cpu):
+    def __init__(self, trace, profile, cfg, placement, fmt, policy, scores, cpu):
         self.trace, self.profile, self.placement, self.policy, self.scores = trace, profile, placement, policy, scores
         self.on_cpu_device = profile.device == "cpu"
         self.allow_cpu = cpu and not self.on_cpu_device
@@ -133,13 +159,19 @@ class _Replay:
             for key in ((m, e) for m in self.layers for e in range(cfg.num_experts)):
                 self.device.admit(key, [])
         self.top_k = cfg.top_k
-        weight_bytes = torch.empty((), dtype=dtype).element_size()
-        self.cost = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=weight_bytes)
-        # Non-expert work per MoE layer step and token: every resident weight but the embedding
-        # table (a lookup, not a matmul; unless tied, when it is also the output matmul).
-        params = placement.resident_bytes // weight_bytes - (
+        # As api.Runtime builds it: the format's bytes per weight (scales included) price copies,
+        # disk reads and the CPU's batch-1 expert speed.
+        self.cost = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size,
+                              weight_bytes=fmt.nbytes / (3 * cfg.hidden_size * cfg.moe_intermediate_size))
+        # Non-expert work per MoE layer step and token: every resident weight (in the compute dtype,
+        # whatever the experts' format) but the embedding table (a lookup, not a matmul; unless
+        # tied, when it is also the output matmul).
+        dense_bytes = torch.empty((), dtype=fmt.dtype).element_size()
+        params = placement.resident_bytes // dense_bytes - (
             0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-        gflops_1, gflops_b = ((profile.cpu_gflops_1, profile.cpu_gflops_batch) if self.on_cpu_device
+        # On a CPU, the batch-1 figure at the dense weights' bytes, by the experts' rule.
+        dense = CostModel(profile, cfg.hidden_size, cfg.moe_intermediate_size, weight_bytes=dense_bytes)
+        gflops_1, gflops_b = ((dense.cpu_gflops_1, profile.cpu_gflops_batch) if self.on_cpu_device
                               else (profile.device_gflops_1, profile.device_gflops_batch))
         per_layer = 2 * params / len(self.layers)
         self.other_seconds = lambda n: per_layer * n / (min(gflops_b, gflops_1 * n) * 1e9)  # noqa: E731

@@ -160,3 +160,25 @@ def test_profile_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         load_profile("colab-t4").cpu_threads = 3
     assert isinstance(load_profile("colab-t4"), HardwareProfile)
+
+
+def test_cpu_weight_bytes_is_optional_and_checked():
+    assert profile_from_dict(VALID, "test").cpu_weight_bytes == 2.0  # profiles written before it still load
+    assert profile_from_dict({**VALID, "cpu_weight_bytes": 0.53}, "test").cpu_weight_bytes == 0.53
+    for bad in (0, -1.0, "two", float("inf"), True):
+        with pytest.raises(OffloadError, match="cpu_weight_bytes"):
+            profile_from_dict({**VALID, "cpu_weight_bytes": bad}, "test")
+
+
+def test_measure_records_the_bytes_its_cpu_kernel_read(tmp_path, monkeypatch):
+    """So a profile measured on int4 experts is not sped up by int4's bytes a second time."""
+    import torch
+
+    from offload.formats import ExpertFormat
+
+    monkeypatch.chdir(tmp_path)
+    assert small_measure().cpu_weight_bytes == 2.0  # bf16
+    int4 = small_measure(experts="int4")
+    assert int4.cpu_weight_bytes == pytest.approx(ExpertFormat("int4", 64, 128, torch.bfloat16, 32).nbytes
+                                                  / (3 * 64 * 128), abs=1e-4)
+    assert "int4-g32" in int4.source

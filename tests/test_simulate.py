@@ -11,6 +11,7 @@ from offload.profile import load_profile
 import offload
 from offload.config import ModelConfig
 from offload.models import family_for
+from offload.scheduler import ExpertWork
 from offload.simulate import load_shape, simulate
 from test_predictors import chained_trace
 
@@ -161,3 +162,98 @@ def test_prefill_fetches_what_decode_computes_on_the_cpu():
     busy = [action for tokens, action in seen if tokens >= 10]  # prompt experts with many tokens
     assert busy and all(action == "fetch" for action in busy)
     assert [action for tokens, action in seen if tokens == 1].count("cpu") > 0
+
+
+# ---- quantized experts -------------------------------------------------------------------------
+
+def test_int4_holds_more_experts_in_the_same_memory_and_is_faster():
+    from offload.placement import expert_format
+
+    trace = chained_trace(200, 0.2)
+    hw = load_profile("rtx3060-12g")
+    dense = simulate(trace, hw, SHAPE, gpu_memory=500 * MB, cpu_memory=4000 * MB)
+    int4 = simulate(trace, hw, SHAPE, gpu_memory=500 * MB, cpu_memory=4000 * MB, experts="int4")
+    size = expert_format(SHAPE, torch.bfloat16, "int4").nbytes  # 0.625 bytes per weight with its scales
+    assert (dense.placement.expert_format, int4.placement.expert_format) == ("bf16", "int4-g32")
+    assert (dense.placement.expert_bytes, int4.placement.expert_bytes) == (EXPERT, size)
+    assert int4.placement.device_slots >= 3 * dense.placement.device_slots > 0
+    assert int4.hit_rate > dense.hit_rate and int4.tokens_per_second > dense.tokens_per_second
+
+
+@pytest.mark.parametrize("profile", ["cpu-only", "rtx3060-12g"])
+def test_the_same_slots_in_int4_move_the_formats_bytes(profile):
+    """Slot for slot the routing replays alike; every byte read or copied shrinks by the format's ratio."""
+    from offload.placement import expert_format, resident_bytes
+
+    trace = chained_trace(100, 0.2)
+    hw = load_profile(profile)
+    runs = {}
+    for experts in ("bf16", "int8", "int4-g128"):
+        size = expert_format(SHAPE, torch.bfloat16, experts).nbytes
+        gpu = None if hw.device == "cpu" else resident_bytes(SHAPE, torch.bfloat16) + 6 * size  # 6 GPU slots
+        runs[experts] = (size, simulate(trace, hw, SHAPE, gpu_memory=gpu, cpu_memory=24 * size, cpu=False,
+                                        experts=experts))
+    base_size, base = runs["bf16"]
+    for experts, (size, r) in runs.items():
+        p = r.placement
+        assert (p.device_slots, p.host_slots) == (base.placement.device_slots, base.placement.host_slots)
+        assert r.hit_rate == base.hit_rate and r.disk_bytes_per_token > 0
+        assert r.disk_bytes_per_token == pytest.approx(base.disk_bytes_per_token * size / base_size)
+        assert r.link_bytes_per_token == pytest.approx(base.link_bytes_per_token * size / base_size)
+    assert runs["int4-g128"][1].tokens_per_second > runs["int8"][1].tokens_per_second > base.tokens_per_second
+
+
+def test_cpu_batch_1_speed_scales_with_bytes_once():
+    """A bf16 profile's CPU figure speeds up by the bytes a format saves; a profile measured on the
+    format itself (cpu_weight_bytes) is taken as it is; the batch roof caps both."""
+    import dataclasses
+
+    from offload.scheduler import CostModel
+
+    hw = load_profile("rtx3060-12g")
+    bf16, int4 = (CostModel(hw, 1024, 3584, weight_bytes=w) for w in (2.0, 0.5))
+    assert int4.cpu_compute(1) == pytest.approx(bf16.cpu_compute(1) / 4)
+    assert int4.cpu_compute(256) == pytest.approx(bf16.cpu_compute(256))  # both at cpu_gflops_batch
+    assert int4.device_compute(1) == bf16.device_compute(1)  # the GPU dequantizes: no faster than dense
+    assert int4.transfer(ExpertWork(0, 1, "host")) == pytest.approx(bf16.transfer(ExpertWork(0, 1, "host")) / 4)
+    measured_int4 = dataclasses.replace(hw, cpu_weight_bytes=0.5)
+    assert CostModel(measured_int4, 1024, 3584, weight_bytes=0.5).cpu_compute(1) == pytest.approx(
+        bf16.cpu_compute(1))
+
+
+def test_the_simulator_places_quantized_experts_as_the_runtime_does(model_dir, tmp_path):
+    from offload.placement import expert_format
+    from offload.quantize import quantize_model
+
+    src = model_dir("mixtral", hidden_size=64, intermediate_size=64, num_local_experts=8)  # as test_quantized
+    path = str(quantize_model(src, tmp_path / "int4", "int4", progress=False))
+    cfg = load_shape(path)
+    assert sim.stored_experts(path) == "int4-g32" and sim.stored_experts(str(src)) is None
+    per_expert = expert_format(cfg, torch.float32, "int4-g32").nbytes
+    assert per_expert < 3 * 64 * 64 * 4 / 4  # scales included, still under a quarter of fp32
+    for slots in (3, 9):  # 3: below top_k per layer, so "auto" makes one global pool
+        llm = offload.load(path, device="cpu", cpu_memory=slots * per_expert)
+        ours = simulate(chained_trace(5, 0.0), load_profile("cpu-only"), cfg, cpu_memory=slots * per_expert,
+                        experts=sim.stored_experts(path)).placement
+        assert ours == llm.placement and ours.expert_format == "int4-g32"
+        llm.close()
+
+
+def test_cli_experts_flag():
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from offload.cli import main
+
+    trace = Path(__file__).parent / "data" / "demo_trace"
+    args = ["simulate", "--trace", str(trace), "--shape", "mixtral-8x7b", "--profile", "rtx3060-12g", "--tokens", "6"]
+    slots = {}
+    for experts in ("bf16", "int4"):
+        result = CliRunner().invoke(main, args + ["--experts", experts])
+        assert result.exit_code == 0, result.output
+        assert f"{experts} experts" in result.output.splitlines()[0]
+        slots[experts] = int(result.output.splitlines()[-1].split()[-2].split("/")[0])
+    assert slots["int4"] > 2 * slots["bf16"]  # 24 bf16 slots in one pool; int4 fills 2 per layer
+    result = CliRunner().invoke(main, args + ["--experts", "int3", "--table"])
+    assert result.exit_code != 0 and "is not a format; use int8, int4" in result.output
