@@ -51,21 +51,53 @@ class Extent:
                 Extent(self.file, self.offset + half, half, self.dtype, shape))
 
 
+MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
 def safetensors_extents(path: Path) -> dict[str, Extent]:
-    """Every tensor's byte range in a safetensors file, from its JSON header."""
+    """Every tensor's byte range in a safetensors file, from its JSON header, checked the way
+    safetensors checks a file it opens: a bounded header, each tensor's bytes inside the file,
+    its length equal to its shape times its dtype, and no two tensors overlapping. (A shard
+    holding only experts is never opened by safetensors itself: we pread from it.)
+    Raises ValueError naming the tensor."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER, size - 8):
+            raise ValueError(f"header length {header_len} exceeds the file ({size} bytes) or {MAX_HEADER} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
     base = 8 + header_len
-    extents = {}
+    extents, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
-        start, end = info["data_offsets"]
-        extents[name] = Extent(Path(path), base + start, end - start, SAFETENSORS_DTYPES[info["dtype"]],
-                               tuple(info["shape"]))
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in [*shape, start, end])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tensor {name}: malformed entry {str(info)[:200]}")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name} has dtype {dtype}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+        expected = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
+        if not start <= end <= size - base or end - start != expected:
+            raise ValueError(f"tensor {name}: bytes {start}..{end} do not hold its shape {shape} {dtype} "
+                             f"({expected} bytes) inside the file's {size - base} data bytes")
+        spans.append((start, end, name))
+        extents[name] = Extent(Path(path), base + start, end - start, SAFETENSORS_DTYPES[dtype], tuple(shape))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ValueError(f"tensors {a} and {b} overlap")
     return extents
 
 

@@ -163,7 +163,8 @@ class Checkpoint:
                 extents = self.expert_extents(layer, expert)
                 for extent, target in zip(extents, targets):
                     size = math.prod(extent.shape)
-                    if len(extents) != len(targets) or size != target.numel() or (
+                    # The shape, not just the size: a transposed [H, I] expert would compute garbage.
+                    if len(extents) != len(targets) or tuple(extent.shape) != tuple(target.shape) or (
                             fmt.quantized and extent.dtype != torch.uint8):
                         raise OffloadError(
                             f"expert {expert} of layer {layer} in {extent.file.name} has shape {list(extent.shape)} "
@@ -179,8 +180,12 @@ class Checkpoint:
             try:
                 self._extents[shard] = safetensors_extents(self.path / shard)
             except (OSError, ValueError, KeyError, struct.error) as exc:
-                raise OffloadError(f"cannot read the header of {self.path / shard} ({exc})") from None
-        return self._extents[shard][name]
+                raise OffloadError(f"{self.path / shard} is damaged: {exc}; download the file again") from None
+        extents = self._extents[shard]
+        if name not in extents:
+            raise OffloadError(f"model.safetensors.index.json puts {name} in {shard}, which has no such tensor; "
+                               "the index does not match the shards: download them again")
+        return extents[name]
 
     def shard_files(self) -> list[Path]:
         return sorted({self.path / s for s in self.weight_map.values()})

@@ -33,6 +33,7 @@ import torch
 from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
+from .errors import OffloadError
 from .experts import ACT, accumulate, contribution
 from .formats import ExpertFormat
 from .kernels import expert_kernel
@@ -53,6 +54,9 @@ class OffloadedExperts:
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
         self.prefetch = prefetch
         self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool
+        # Every read, copy or CPU expert submitted and not yet seen through by the main thread:
+        # Future -> (compute-slot key or None, host-slot key or None), for recovery after a failure.
+        self.outstanding: dict[Future, tuple] = {}
         self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
         self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
         self.device, self.stats = device, stats
@@ -92,6 +96,17 @@ class OffloadedExperts:
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:
+        try:
+            return self._step(layer, hidden, ids, weights, probs)
+        except BaseException as exc:  # a failed read, a bug, or Ctrl-C in the middle of a layer
+            self._recover()
+            if isinstance(exc, OSError):
+                raise OffloadError(f"reading an expert of layer {layer} failed ({exc}); the checkpoint's files "
+                                   "may be damaged, truncated or on a failing drive") from None
+            raise
+
+    def _step(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              probs: torch.Tensor | None) -> torch.Tensor:
         experts = torch.unique(ids).tolist()
         counters = self.stats[layer]
         if probs is not None:
@@ -176,6 +191,7 @@ class OffloadedExperts:
             counters.experts_on_cpu += 1
             future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, *host)
             future.host_slot = host_slot
+            self.outstanding[future] = (None, (layer, e))
             futures[e] = future
         return futures
 
@@ -237,10 +253,11 @@ class OffloadedExperts:
     def _forget_finished_prefetches(self) -> None:
         for key, future in list(self.prefetching.items()):
             if future.done():
+                ready = future.result()  # a failed prefetch raises here, and the step recovers
                 del self.prefetching[key]
                 self._release(future)
                 if self.gpu:
-                    self.copy_done[key] = future.result()  # still needed to order the first use after the copy
+                    self.copy_done[key] = ready  # still needed to order the first use after the copy
 
     def _compute(self, hidden, ids, weights, expert: int, slot: int):
         part = contribution(hidden, ids, weights, expert, self.pool[slot], self.kernel)
@@ -255,18 +272,44 @@ class OffloadedExperts:
 
     def _fetch(self, layer: int, expert: int, slot: int) -> Future:
         counters = self.stats[layer]
+        key = (layer, expert)
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
-            return self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
+            future = self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
+            self.outstanding[future] = (key, None)
+            return future
         host_slot, from_disk = self._host_slot((layer, expert), counters)
         counters.bytes_to_device += self.expert_bytes
         released = self.slot_released[slot] if self.gpu else None
         future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released)
         future.host_slot = host_slot  # released by the main thread once it has seen the result
+        self.outstanding[future] = (key, key)
         return future
 
+    def _recover(self) -> None:
+        """After a step failed: let every read, copy and CPU expert still running finish (its slot
+        must not be handed out while a thread writes it), and forget the experts whose read failed
+        or was never seen through, so the caches hold only experts that are really there. The
+        next call starts clean: it reads them again, or fails the same clean way."""
+        for future, (key, host_key) in list(self.outstanding.items()):
+            try:
+                future.result()
+                ok = True
+            except BaseException:
+                ok = False
+            if not ok and key is not None and key in self.cache:
+                self.cache.evict(key)
+            if not ok and host_key is not None and host_key in self.host_cache:
+                self.host_cache.evict(host_key)
+        self.outstanding.clear()
+        self.prefetching.clear()
+        self.copy_done.clear()
+        if self.tiered:
+            self.host_busy.clear()
+
     def _release(self, future: Future) -> None:
-        """Main thread, after `future` is done: its host slot may be reused."""
+        """Main thread, after `future` is done and its result seen: its host slot may be reused."""
+        self.outstanding.pop(future, None)
         host_slot = getattr(future, "host_slot", None)
         if host_slot is not None:
             self.host_busy.discard(host_slot)

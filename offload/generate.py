@@ -73,8 +73,17 @@ class DecodeLoop:
         start = time.perf_counter()
         logits = self.model(ids, positions, valid, cache, last_only=True)[:, -1]  # [B, V]
         for step in range(self.max_new):
-            tokens = sampler(logits)  # [B]
-            values = tokens.tolist()  # the host needs them anyway; this is the step's one sync
+            finite = torch.isfinite(logits).all(dim=-1)  # [B]
+            try:
+                tokens = sampler(logits)  # [B]
+            except RuntimeError:  # sampling from NaN probabilities
+                _check_finite(finite.tolist(), step)
+                raise
+            # The host needs the tokens anyway; this is the step's one sync, and it brings back
+            # whether each row's logits were finite (greedy NaN logits would quietly pick token 0).
+            host = torch.cat([tokens, finite.long()]).tolist()  # [2B]
+            values = host[:b]
+            _check_finite(host[b:], step)
             now = time.perf_counter()
             if step == 0:
                 self.stats.prefill_seconds = self.stats.time_to_first_token = now - start
@@ -97,6 +106,14 @@ class DecodeLoop:
         if self.max_new < self.params.max_new_tokens:
             for row in range(b):
                 self.finish(row, "context")
+
+
+def _check_finite(finite: list, step: int) -> None:
+    if not all(finite):
+        rows = [r for r, ok in enumerate(finite) if not ok]
+        raise OffloadError(f"the model produced NaN or infinite logits at step {step} (rows {rows}); its weights "
+                           "are damaged or overflow in this dtype: check the checkpoint, or load it with "
+                           "dtype='float32'")
 
 
 class TextStream:
