@@ -247,9 +247,13 @@ class SlotPool:
     def __init__(self, slots: int, fmt, device: torch.device, pin: bool = False):
         self.fmt = fmt
         self.data = torch.empty((slots, fmt.nbytes), device=device, dtype=torch.uint8, pin_memory=pin)
+        self._views: dict[int, tuple] = {}  # built on first use: views cost microseconds per expert call
 
     def __getitem__(self, slot: int) -> tuple[torch.Tensor, ...]:
-        return self.fmt.views(self.data[slot])
+        views = self._views.get(slot)
+        if views is None:
+            views = self._views[slot] = self.fmt.views(self.data[slot])
+        return views
 
     def targets(self, slot: int) -> list[torch.Tensor]:
         """Where a read of this slot's expert goes (ExpertReader.read)."""

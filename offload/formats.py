@@ -10,22 +10,26 @@ cost model count `nbytes`, the format's own size.
   int8                        gate_up q int8 [2I, H], scales [2I]; down q [H, I], scales [H]
   int4 (group g)              gate_up nibbles [2I, H/2], scales_and_zeros [H/g, 2I, 2];
                               down nibbles [H, I/2], scales_and_zeros [I/g, H, 2]
+  mxfp4                       gate_up E2M1 nibbles [2I, H/2], E8M0 scales [2I, H/32]; down the same
+                              (GPT-OSS ships its experts so; read as shipped, dequantized per call)
+  + biases (GPT-OSS)          gate_up [2I] and down [H], in the compute dtype (dense) or bf16
 
 Quantized formats are lossy and opt-in (see offload/quant.py for the arithmetic).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .errors import OffloadError
-from .quant import (GROUP_SIZES, INT4_BLOCK, SCALE_DTYPE, dequantize_int4, dequantize_int8, pack_int4,
-                    quantize_int4, quantize_int8, unpack_int4)
+from .quant import (GROUP_SIZES, INT4_BLOCK, MXFP4_GROUP, SCALE_DTYPE, dequantize_int4, dequantize_int8,
+                    dequantize_mxfp4, pack_int4, quantize_int4, quantize_int8, unpack_int4)
 
 ALIGN = 64
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "mxfp4")
 DEFAULT_GROUP_SIZE = 32  # best held-out quality on the demo model (README, "Quantized experts")
 DENSE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # config.json's block describing a quantized model directory written by `offload quantize`.
@@ -45,11 +49,15 @@ class ExpertFormat:
     width: int  # I
     dtype: torch.dtype  # the compute dtype: dense weights are stored in it, quantized ones dequantize to it
     group_size: int = 0  # int4 only
+    bias: bool = False  # experts with biases (GPT-OSS)
 
     def __post_init__(self):
         h, i = self.hidden, self.width
         if self.kind not in ("dense",) + QUANTIZED:
             raise OffloadError(f"expert format {self.kind!r} is unknown; use one of: bf16, {', '.join(QUANTIZED)}")
+        if self.kind == "mxfp4" and (h % MXFP4_GROUP or i % MXFP4_GROUP):
+            raise OffloadError(f"mxfp4 experts need hidden_size ({h}) and moe_intermediate_size ({i}) to be "
+                               f"multiples of {MXFP4_GROUP}")
         if self.kind == "int4":
             if self.group_size not in GROUP_SIZES:
                 raise OffloadError(f"int4 group size {self.group_size} is not supported; use one of "
@@ -70,7 +78,7 @@ class ExpertFormat:
     def name(self) -> str:
         if self.kind == "dense":
             return DENSE_NAMES[self.dtype]
-        return f"int4-g{self.group_size}" if self.kind == "int4" else "int8"
+        return f"int4-g{self.group_size}" if self.kind == "int4" else self.kind
 
     @property
     def quantized(self) -> bool:
@@ -79,13 +87,23 @@ class ExpertFormat:
     def pieces(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         h, i, g = self.hidden, self.width, self.group_size
         if self.kind == "dense":
-            return [("gate_up", self.dtype, (2 * i, h)), ("down", self.dtype, (h, i))]
-        if self.kind == "int8":
-            return [("gate_up.q", torch.int8, (2 * i, h)), ("gate_up.s", SCALE_DTYPE, (2 * i,)),
-                    ("down.q", torch.int8, (h, i)), ("down.s", SCALE_DTYPE, (h,))]
-        return [("gate_up.q", torch.uint8, (2 * i, h // 2)), ("gate_up.sz", SCALE_DTYPE, (h // g, 2 * i, 2)),
-                ("down.q", torch.uint8, (h, i // 2)), ("down.sz", SCALE_DTYPE, (i // g, h, 2))]
+            weights = [("gate_up", self.dtype, (2 * i, h)), ("down", self.dtype, (h, i))]
+        elif self.kind == "int8":
+            weights = [("gate_up.q", torch.int8, (2 * i, h)), ("gate_up.s", SCALE_DTYPE, (2 * i,)),
+                       ("down.q", torch.int8, (h, i)), ("down.s", SCALE_DTYPE, (h,))]
+        elif self.kind == "int4":
+            weights = [("gate_up.q", torch.uint8, (2 * i, h // 2)), ("gate_up.sz", SCALE_DTYPE, (h // g, 2 * i, 2)),
+                       ("down.q", torch.uint8, (h, i // 2)), ("down.sz", SCALE_DTYPE, (i // g, h, 2))]
+        else:
+            weights = [("gate_up.q", torch.uint8, (2 * i, h // 2)), ("gate_up.e", torch.uint8, (2 * i, h // 32)),
+                       ("down.q", torch.uint8, (h, i // 2)), ("down.e", torch.uint8, (h, i // 32))]
+        if not self.bias:
+            return weights
+        # Stored as the weights' dtype for dense experts (converted on read like them), bf16 otherwise.
+        bias = self.dtype if self.kind == "dense" else SCALE_DTYPE
+        return weights + [("gate_up.b", bias, (2 * i,)), ("down.b", bias, (h,))]
 
+    @functools.cached_property
     def _offsets(self) -> list[tuple[int, torch.dtype, tuple[int, ...], int]]:
         out, at = [], 0
         for _, dtype, shape in self.pieces():
@@ -97,7 +115,7 @@ class ExpertFormat:
     @property
     def nbytes(self) -> int:
         """Bytes of one expert in this format (a slot's size; what a fetch moves)."""
-        last, _, _, size = self._offsets()[-1]
+        last, _, _, size = self._offsets[-1]
         return _align(last + size)
 
     @property
@@ -106,20 +124,26 @@ class ExpertFormat:
 
     def views(self, buf: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A slot's bytes (uint8 [nbytes]) -> the pieces as tensors, in `pieces()` order."""
-        return tuple(buf[at:at + size].view(dtype).view(shape) for at, dtype, shape, size in self._offsets())
+        return tuple(buf[at:at + size].view(dtype).view(shape) for at, dtype, shape, size in self._offsets)
 
     def read_targets(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Where a checkpoint's extents for one expert go: dense checkpoints keep gate, up and down
         apart on disk (three extents); a quantized directory stores the whole expert as one."""
         if not self.quantized:
-            gate_up, down = self.views(buf)
-            return [gate_up[:self.width], gate_up[self.width:], down]
+            gate_up, down, *biases = self.views(buf)
+            return [gate_up[:self.width], gate_up[self.width:], down, *biases]
         return [buf]
 
     # ---- conversion ------------------------------------------------------------
 
-    def quantize(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """One expert's float matrices (gate, up [I, H], down [H, I]) -> its bytes in this format."""
+    def quantize(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 biases: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One expert's float matrices (gate, up [I, H], down [H, I]; biases gate_up [2I] and
+        down [H] if the format has them) -> its bytes in this format."""
+        if self.kind == "mxfp4":
+            raise OffloadError("mxfp4 experts are read as shipped (GPT-OSS); quantize to int4 or int8 instead")
+        if self.bias != (biases is not None):
+            raise ValueError("biases must be given exactly when the format has them")
         buf = torch.zeros(self.nbytes, dtype=torch.uint8)
         gate_up = torch.cat([gate, up], dim=0)  # [2I, H], gate rows first, as slots hold it
         if self.kind == "dense":
@@ -129,7 +153,7 @@ class ExpertFormat:
         else:
             (q1, sz1), (q2, sz2) = quantize_int4(gate_up, self.group_size), quantize_int4(down, self.group_size)
             parts = [pack_int4(q1), sz1, pack_int4(q2), sz2]
-        for view, part in zip(self.views(buf), parts):
+        for view, part in zip(self.views(buf), parts + list(biases or ())):
             view.copy_(part)
         return buf
 
@@ -140,14 +164,23 @@ class ExpertFormat:
             return packed[0].to(dtype), packed[1].to(dtype)
         if self.kind == "int8":
             return dequantize_int8(packed[0], packed[1], dtype), dequantize_int8(packed[2], packed[3], dtype)
+        if self.kind == "mxfp4":
+            return dequantize_mxfp4(packed[0], packed[1], dtype), dequantize_mxfp4(packed[2], packed[3], dtype)
         return (dequantize_int4(unpack_int4(packed[0]), packed[1], dtype),
                 dequantize_int4(unpack_int4(packed[2]), packed[3], dtype))
+
+    def biases(self, packed: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple:
+        """(gate_up bias [2I], down bias [H]) in `dtype`, or (None, None)."""
+        if not self.bias:
+            return None, None
+        return packed[-2].to(dtype), packed[-1].to(dtype)
 
     # ---- config.json -------------------------------------------------------------
 
     def config_block(self) -> dict:
         return {"method": METHOD, "version": VERSION, "experts": self.kind, "group_size": self.group_size,
-                "scale_dtype": "bfloat16", "int4_block": INT4_BLOCK, "bytes_per_expert": self.nbytes}
+                "bias": self.bias, "scale_dtype": "bfloat16", "int4_block": INT4_BLOCK,
+                "bytes_per_expert": self.nbytes}
 
 
 def parse_experts(value) -> tuple[str, int]:
@@ -180,8 +213,10 @@ def stored_format(raw_config: dict, hidden: int, width: int, dtype: torch.dtype)
                            f"(format version {block.get('version')!r}, this one reads {VERSION}); quantize it again")
     kind = block.get("experts")
     if kind not in QUANTIZED:
-        raise OffloadError(f"config.json's {CONFIG_KEY} block names experts={kind!r}; expected int8 or int4")
-    group = block.get("group_size", 0)
-    if not isinstance(group, int):
-        raise OffloadError(f"config.json's {CONFIG_KEY} block has group_size={group!r}, not a whole number")
-    return ExpertFormat(kind, hidden, width, dtype, group if kind == "int4" else 0)
+        raise OffloadError(f"config.json's {CONFIG_KEY} block names experts={kind!r}; expected one of "
+                           f"{', '.join(QUANTIZED)}")
+    group, bias = block.get("group_size", 0), block.get("bias", False)
+    if not isinstance(group, int) or not isinstance(bias, bool):
+        raise OffloadError(f"config.json's {CONFIG_KEY} block has group_size={group!r} or bias={bias!r} of the "
+                           "wrong type; quantize the model again")
+    return ExpertFormat(kind, hidden, width, dtype, group if kind == "int4" else 0, bias)

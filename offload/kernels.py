@@ -37,10 +37,12 @@ Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
 DEQUANT_TOKENS = 16
 
 
-def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) for one expert; x [n, H] -> [n, H]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(act(gate) * up, down)
+def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable,
+              glu: Callable | None = None, biases: tuple = (None, None)) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) for one expert; x [n, H] -> [n, H]. `glu(gate, up)` replaces
+    act(gate) * up where a family gates differently (GPT-OSS); `biases` for experts that have them."""
+    gate, up = F.linear(x, gate_up, biases[0]).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act(gate) * up if glu is None else glu(gate, up), down, biases[1])
 
 
 @functools.cache
@@ -63,13 +65,14 @@ def cpu_int8_kernel_available() -> bool:
         return False
 
 
-def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable) -> Kernel:
+def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: Callable | None = None) -> Kernel:
+    """`act` is the family's activation (gate side); `glu(gate, up)`, when given, the whole gating."""
     if fmt.kind == "dense":
-        return lambda x, packed: dense_ffn(x, packed[0], packed[1], act)
+        return lambda x, packed: dense_ffn(x, packed[0], packed[1], act, glu, fmt.biases(packed, x.dtype))
 
     def dequantized(x, packed):
         gate_up, down = fmt.dequantize(packed, x.dtype)
-        return dense_ffn(x, gate_up, down, act)
+        return dense_ffn(x, gate_up, down, act, glu, fmt.biases(packed, x.dtype))
 
     if device.type != "cpu":
         return dequantized
@@ -88,8 +91,11 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable) -> Ker
         if x.shape[0] >= DEQUANT_TOKENS:
             return dequantized(x, packed)
         xb = x.to(torch.bfloat16)  # [n, H]: the kernels take bf16 activations
-        gate, up = matmul(xb, packed[0], packed[1]).chunk(2, dim=-1)  # [n, I] each
-        return matmul(act(gate) * up, packed[2], packed[3]).to(x.dtype)
+        b1, b2 = fmt.biases(packed, torch.bfloat16)
+        gate_up = matmul(xb, packed[0], packed[1])  # [n, 2I]
+        gate, up = (gate_up if b1 is None else gate_up + b1).chunk(2, dim=-1)  # [n, I] each
+        y = matmul(act(gate) * up if glu is None else glu(gate, up), packed[2], packed[3])  # [n, H]
+        return (y if b2 is None else y + b2).to(x.dtype)
 
     return weight_only
 

@@ -76,3 +76,19 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     b = packed.reshape(n // INT4_BLOCK, k, 32)  # [B, K, 32]
     low, high = b & 0xF, b >> 4
     return torch.cat([low.transpose(1, 2), high.transpose(1, 2)], dim=1).reshape(n, k)
+
+
+# ---- MXFP4 (OCP microscaling FP4, as GPT-OSS ships its experts) --------------------------------
+# Per 32 inputs one E8M0 scale byte (2^(e - 127)); each weight an E2M1 nibble, low nibble first.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_GROUP = 32
+
+
+def dequantize_mxfp4(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(nibbles q uint8 [N, K/2], E8M0 scales uint8 [N, K/32]) -> W [N, K] in `dtype`."""
+    n, half = q.shape
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=q.device)
+    values = torch.stack([lut[(q & 0xF).long()], lut[(q >> 4).long()]], dim=-1).reshape(n, 2 * half)  # [N, K]
+    exponent = scales.to(torch.int32) - 127  # [N, K/32]
+    w = torch.ldexp(values.reshape(n, -1, MXFP4_GROUP), exponent[..., None]).reshape(n, 2 * half)
+    return w.to(dtype)

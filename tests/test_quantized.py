@@ -294,3 +294,46 @@ def test_a_corrupt_quantized_expert_is_refused_at_load(quantized, tmp_path):
     with pytest.raises(OffloadError, match="not written by `offload quantize`"):
         offload.load(bad, device="cpu")
     assert os.path.exists(bad / "config.json")
+
+
+def test_mxfp4_dequantizes_as_transformers_does():
+    mxfp4 = pytest.importorskip("transformers.integrations.mxfp4")
+    from offload.quant import dequantize_mxfp4
+
+    gen = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (2, 64, 4, 16), generator=gen, dtype=torch.uint8)  # [E, N, K/32, 16]
+    scales = torch.randint(118, 134, (2, 64, 4), generator=gen, dtype=torch.uint8)  # [E, N, K/32]
+    expected = mxfp4.convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, K, N]
+    for e in range(2):
+        mine = dequantize_mxfp4(blocks[e].reshape(64, 64), scales[e], torch.float32)  # [N, K]
+        assert torch.equal(mine, expected[e].T)
+
+
+@pytest.mark.parametrize("kind,group", FORMATS + [("mxfp4", 0)])
+def test_biases_and_a_custom_gating_reach_every_kernel(kind, group):
+    """GPT-OSS-style experts: biases on both matrices and gate/up combined by a clamped GLU."""
+    h, i = 128, 192
+    gate, up, down = random_expert(h, i, seed=4)
+    b1, b2 = torch.randn(2 * i) * 0.1, torch.randn(h) * 0.1
+    fmt = ExpertFormat(kind, h, i, torch.float32, group, bias=True)
+    if kind == "mxfp4":
+        buf = torch.randint(0, 256, (fmt.nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+        views = fmt.views(buf)
+        views[1].fill_(120), views[3].fill_(121)  # E8M0 exponents: weights of a sensible size
+        views[4].copy_(b1), views[5].copy_(b2)
+        wg_wu, wd = fmt.dequantize(views, torch.float32)
+        wg, wu = wg_wu[:i], wg_wu[i:]
+    else:
+        buf = fmt.quantize(gate, up, down, biases=(b1, b2))
+        wg, wu, wd = dequantized_reference(kind, group, gate, up, down)
+    b1, b2 = b1.to(torch.bfloat16).float(), b2.to(torch.bfloat16).float()  # stored in bf16
+
+    def glu(g, u):
+        g, u = g.clamp(max=7.0), u.clamp(-7.0, 7.0)
+        return (u + 1) * g * torch.sigmoid(1.702 * g)
+
+    for tokens in (1, 20):
+        x = torch.randn(tokens, h, generator=torch.Generator().manual_seed(tokens))
+        y = expert_kernel(fmt, torch.device("cpu"), F.silu, glu)(x, fmt.views(buf))
+        ref = F.linear(glu(F.linear(x, wg, b1[:i]), F.linear(x, wu, b1[i:])), wd, b2)
+        assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
