@@ -153,7 +153,7 @@ class Runtime:
             if not path.exists():
                 raise OffloadError(f"predictor='learned' needs {path}; train it with "
                                    f"`offload train-predictor {self.path} --trace DIR`, or use predictor='gate'")
-            predictor = LearnedPredictor.load(path).to(self.device)
+            predictor = LearnedPredictor.load(path, layers, cfg.num_experts, cfg.hidden_size).to(self.device)
         else:
             predictor = AffinityPredictor(layers, cfg.num_experts, cfg.vocab_size)  # learns online
         return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k)
@@ -182,6 +182,11 @@ class Runtime:
         text = self.placement.describe()
         if self.expert_format.quantized:
             text += f"; expert kernel: {kernel_name(self.expert_format, self.device)}"
+        source = self.checkpoint.raw_config.get("moe_offload_source")  # written by offload/sources/ converters
+        if isinstance(source, dict) and source.get("summary"):
+            text += f"; {source['summary']}"
+        if self.config.mla is not None:  # latent attention caches one compressed row per token
+            text += f"; KV cache {self.config.kv_cache_bytes_per_token(self.dtype)} bytes per token (latent attention)"
         if self.profile is None:
             return text
         if self.placement.mode == "resident":

@@ -25,6 +25,7 @@ from .formats import stored_format
 from .writer import PACKED
 from .models import family_for
 
+PREDICTOR_FILE = "predictor.safetensors"  # predictors/learned.py's FILENAME
 # Weights and configs only; chat_template.jinja is where transformers 5 keeps the chat template.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "chat_template.jinja"]
 
@@ -90,7 +91,8 @@ class Checkpoint:
             if not isinstance(weight_map, dict):
                 raise OffloadError(f"{index} has no 'weight_map' object; re-download the model")
         else:
-            shards = sorted(p.name for p in self.path.glob("*.safetensors"))
+            # Every *.safetensors but the learned predictor `offload train-predictor` saves beside the model.
+            shards = sorted(p.name for p in self.path.glob("*.safetensors") if p.name != PREDICTOR_FILE)
             if not shards:
                 found = [p.name for p in self.path.glob("*.bin")]
                 hint = " (found PyTorch .bin files: convert them to safetensors)" if found else ""

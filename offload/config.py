@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import OffloadError
 from .experts import ACT
 from .models.family import Family
+
+if TYPE_CHECKING:
+    from .models.deepseek_v2 import LatentAttentionShape
 
 DTYPES = {
     "float32": torch.float32,
@@ -60,6 +64,17 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()  # per layer: attention window or None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    mlp_bias: bool = False  # DeepSeek-V2: biases in the dense and shared-expert MLPs
+    # DeepSeek routers (offload/models/routing.py): weights x routed_scaling_factor; the choice is
+    # limited to the best `topk_group` of `n_group` equal groups of experts ("group_limited_greedy" in
+    # V2, always in V3).
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"
+    # Multi-head latent attention (DeepSeek). Then num_kv_heads and head_dim describe the KV cache
+    # (1 and kv_lora_rank + qk_rope_head_dim: the latent and the rotated key per token), not q/k/v heads.
+    mla: LatentAttentionShape | None = None
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_heads <= 0:
@@ -74,6 +89,18 @@ class ModelConfig:
             raise OffloadError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACT)}")
         if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
             raise OffloadError("per-layer settings do not match num_hidden_layers")
+        grouped = self.family.router == "deepseek_v3" or self.topk_method == "group_limited_greedy"
+        # V3 ranks a group by its two best experts: groups of at least two.
+        smallest = 2 if self.family.router == "deepseek_v3" else 1
+        if grouped and (self.n_group <= 0 or self.num_experts % self.n_group
+                        or self.num_experts // self.n_group < smallest or not 0 < self.topk_group <= self.n_group
+                        or self.top_k > self.topk_group * (self.num_experts // self.n_group)):
+            raise OffloadError(
+                f"n_group={self.n_group} must divide n_routed_experts={self.num_experts} into groups of at least "
+                f"{smallest}, and topk_group={self.topk_group} groups (1..n_group) must hold "
+                f"num_experts_per_tok={self.top_k} experts")
+        if self.family.attention == "mla" and self.mla is None:
+            raise OffloadError(f"{self.family.architecture} needs its latent attention settings (kv_lora_rank, ...)")
 
     @property
     def moe_layers(self) -> list[int]:
@@ -84,6 +111,13 @@ class ModelConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes the KV cache holds per token over all layers: keys and values of num_kv_heads x
+        head_dim, or with latent attention one row of kv_lora_rank + qk_rope_head_dim values."""
+        size = torch.empty((), dtype=dtype or self.torch_dtype).element_size()
+        per_layer = self.num_kv_heads * self.head_dim * (1 if self.mla is not None else 2)
+        return self.num_layers * per_layer * size
+
     @classmethod
     def from_dict(cls, raw: dict, family: Family) -> "ModelConfig":
         """Common keys here, family-specific ones in `family.parse`."""
@@ -91,7 +125,11 @@ class ModelConfig:
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
             layers = int(raw["num_hidden_layers"])
-            rope_theta, rope_factor = _rope(raw)
+            if min(hidden, heads, layers) <= 0:
+                raise OffloadError("config.json has non-positive hidden_size, num_hidden_layers or "
+                                   "num_attention_heads; the file is damaged or not a model's config")
+            # Latent attention reads its own RoPE (YaRN included) in its family's parser.
+            rope_theta, rope_factor = (10000.0, 1.0) if family.attention == "mla" else _rope(raw)
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             common = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,19 +22,26 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise OffloadError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
-        if self.temperature < 0:
-            raise OffloadError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise OffloadError(f"temperature={self.temperature} must be a finite number >= 0 (0 means greedy)")
         if self.top_k < 0:
             raise OffloadError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise OffloadError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise OffloadError(f"seed={self.seed!r} must be a whole number in 0 .. 2**63 - 1")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise OffloadError("stop must be a string or a list of non-empty strings")
 
     @classmethod
     def build(cls, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=None):
         stops = () if stop is None else ((stop,) if isinstance(stop, str) else tuple(stop))
-        return cls(int(max_new_tokens), float(temperature), int(top_k), float(top_p), seed, stops)
+        try:
+            return cls(int(max_new_tokens), float(temperature), int(top_k), float(top_p), seed, stops)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise OffloadError(f"a sampling option is not a number ({exc}): max_new_tokens, top_k are whole "
+                               "numbers; temperature, top_p are numbers") from None
 
 
 class Sampler:

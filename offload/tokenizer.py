@@ -43,8 +43,10 @@ class Tokenizer:
         if config_path.exists():
             try:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise OffloadError(f"{config_path} is not valid JSON ({exc})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OffloadError(f"{config_path} is not valid UTF-8 JSON ({exc}); re-download it") from None
+            if not isinstance(config, dict):
+                raise OffloadError(f"{config_path} should hold a JSON object; re-download it")
         self.special = {
             key: _token_text(config.get(key)) for key in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
@@ -56,7 +58,10 @@ class Tokenizer:
         # transformers 5 saves the template beside the config as chat_template.jinja
         jinja_file = model_dir / "chat_template.jinja"
         if jinja_file.exists():
-            return jinja_file.read_text(encoding="utf-8")
+            try:
+                return jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise OffloadError(f"{jinja_file} is not UTF-8 text ({exc}); re-download it") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template}
@@ -78,8 +83,10 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise OffloadError("this model's tokenizer has no chat template; use generate() with a plain prompt")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise OffloadError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise OffloadError("messages must be a list of {'role': str, 'content': str} dicts")
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offload.checkpoint import PREDICTOR_FILE as FILENAME  # the checkpoint skips it as a weight shard
 from offload.errors import OffloadError
 
 from .base import Predictor
 
-FILENAME = "predictor.safetensors"
 FORMAT = "offload-predictor/1"
 
 
@@ -86,20 +86,38 @@ class LearnedPredictor(Predictor):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "LearnedPredictor":
+    def load(cls, path: str | Path, num_layers: int | None = None, num_experts: int | None = None,
+             hidden: int | None = None) -> "LearnedPredictor":
+        """Read a saved predictor; with the model's shape given, refuse one trained for another model."""
         from safetensors import safe_open
 
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise OffloadError(f"{path} is not an offload predictor (format {meta.get('format')!r})")
-            weights = {}
-            for name in f.keys():
-                if name.endswith(".weight"):
-                    layer, ahead = name.split(".")[:2]
-                    key = (int(layer[5:]), int(ahead[5:]))
-                    weights[key] = (f.get_tensor(name), f.get_tensor(name[:-6] + "bias"))
-        return cls(weights, int(meta["num_layers"]), int(meta["lookahead"]))
+        retrain = "retrain it with `offload train-predictor`, or use predictor='gate'"
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise OffloadError(f"{path} is not an offload predictor (format {meta.get('format')!r}); "
+                                       + retrain)
+                weights = {}
+                for name in f.keys():
+                    if name.endswith(".weight"):
+                        layer, ahead = name.split(".")[:2]
+                        key = (int(layer[5:]), int(ahead[5:]))
+                        weights[key] = (f.get_tensor(name), f.get_tensor(name[:-6] + "bias"))
+            predictor = cls(weights, int(meta["num_layers"]), int(meta["lookahead"]))
+        except OffloadError:
+            raise
+        except Exception as exc:  # damaged file, missing tensor or metadata
+            raise OffloadError(f"cannot read the predictor {path} ({type(exc).__name__}: {exc}); {retrain}") from None
+        for (pos, _), (w, b) in weights.items():
+            wrong = ((num_layers is not None and (predictor.L != num_layers or pos >= num_layers))
+                     or (num_experts is not None and (w.shape[0] != num_experts or b.shape != (num_experts,)))
+                     or (hidden is not None and w.shape[1] != hidden))
+            if wrong:
+                raise OffloadError(f"{path} was trained for another model ({predictor.L} MoE layers, weights "
+                                   f"{tuple(w.shape)}), not this one ({num_layers} MoE layers, {num_experts} "
+                                   f"experts, hidden {hidden}); " + retrain)
+        return predictor

@@ -151,3 +151,74 @@ def test_nan_weights_are_an_error_not_empty_text(model_dir, tmp_path):
     for temperature in (0.0, 0.7):
         with pytest.raises(OffloadError, match="NaN or infinite logits"):
             llm.generate([1, 2, 3], max_new_tokens=4, temperature=temperature)
+
+
+# ---- bad input: one clear error each ---------------------------------------------------------
+
+@pytest.fixture
+def demo_copy(tmp_path):
+    path = tmp_path / "demo"
+    shutil.copytree(offload.load(None).path, path)
+    return path
+
+
+def cli(args):
+    from click.testing import CliRunner
+
+    from offload.cli import main
+
+    return CliRunner().invoke(main, args)
+
+
+def assert_clean(result, message):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+    assert message in result.output
+
+
+def test_bad_configs_and_tokenizer_files(demo_copy):
+    config = json.loads((demo_copy / "config.json").read_text())
+    (demo_copy / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    with pytest.raises(OffloadError, match="non-positive"):
+        offload.load(demo_copy)
+    (demo_copy / "config.json").write_text(json.dumps(config))
+    good = (demo_copy / "tokenizer_config.json").read_bytes()
+    (demo_copy / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xff\xfe"}')
+    with pytest.raises(OffloadError, match="not valid UTF-8 JSON"):
+        offload.load(demo_copy)
+    (demo_copy / "tokenizer_config.json").write_bytes(good)
+    (demo_copy / "chat_template.jinja").write_bytes(b"{{ messages \xff }}")
+    with pytest.raises(OffloadError, match="not UTF-8"):
+        offload.load(demo_copy)
+
+
+def test_predictor_files_of_another_model_or_damaged(demo_copy, model_dir):
+    from offload.predictors.learned import LearnedPredictor
+
+    other = LearnedPredictor({(0, 1): (torch.zeros(4, 32), torch.zeros(4))}, num_layers=2, lookahead=1)
+    other.save(demo_copy)
+    with pytest.raises(OffloadError, match="trained for another model"):
+        offload.load(demo_copy, cpu_memory="4MiB", predictor="learned")
+    (demo_copy / "predictor.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(OffloadError, match="cannot read the predictor"):
+        offload.load(demo_copy, cpu_memory="4MiB", predictor="learned")
+    # The damaged file is not a weight shard: the model loads and runs without it.
+    assert offload.load(demo_copy, predictor="none").generate("ROMEO:", max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-t", "nan"], "temperature=nan"),
+    (["-t", "-1"], "temperature=-1.0"),
+    (["--top-p", "nan"], "top_p=nan"),
+    (["--seed", str(2**70)], "seed="),
+    (["-n", "0"], "max_new_tokens=0"),
+])
+def test_bad_sampling_options(args, message):
+    assert_clean(cli(["generate", "-p", "ROMEO:", *args]), message)
+
+
+def test_chat_messages_must_hold_text():
+    llm = offload.load(None)
+    for messages in ([{"role": "user", "content": None}], [{"role": "user"}], "hello", [["user", "hi"]]):
+        with pytest.raises(OffloadError, match="messages must be a list"):
+            llm.chat(messages, max_new_tokens=2)
