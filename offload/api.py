@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from .checkpoint import Checkpoint, read_json
-from .config import RuntimeConfig, resolve_device
+from .config import RuntimeConfig, default_threads, resolve_device
 from .errors import OffloadError
 from .engine import OffloadedExperts
 from .experts import ResidentExperts
@@ -54,7 +54,8 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memor
     With both budgets None and room for everything, all experts stay resident;
     otherwise experts are offloaded: cached on the compute device (or in RAM on
     a CPU) in front of host RAM and disk, within `gpu_memory` / `cpu_memory`.
-    `threads` sets torch's CPU thread pool for the whole process (None leaves torch's default).
+    `threads` sets torch's CPU thread pool for the whole process (None: chosen from the model's
+    size, see config.default_threads).
     `experts="int8"` / `"int4"` (lossy, opt-in) runs quantized experts: a checkpoint stored
     unquantized is quantized once into the user's cache directory and reused from there."""
     options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
@@ -92,10 +93,10 @@ class Runtime:
 
     def __init__(self, path: Path, options: RuntimeConfig):
         self.path, self.options = path, options
-        if options.threads is not None:
-            torch.set_num_threads(options.threads)  # process-wide: CPU experts and everything else on the CPU
-        self.profile = self._load_profile(options.profile)  # a HardwareProfile, or None
         self.checkpoint = Checkpoint(path)
+        # Process-wide: CPU experts and everything else on the CPU (config.default_threads says why).
+        torch.set_num_threads(options.threads or default_threads(self.checkpoint.config))
+        self.profile = self._load_profile(options.profile)  # a HardwareProfile, or None
         self.config = cfg = self.checkpoint.config
         self.device = resolve_device(options.device)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)

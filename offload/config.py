@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -247,6 +248,23 @@ class RuntimeConfig:
         if device.type == "cpu" and checkpoint_dtype in ("float16", "fp16", "half"):
             return torch.float32  # fp16 matmuls are slow or missing on CPUs; fp32 holds fp16 exactly
         return DTYPES[checkpoint_dtype]
+
+
+# An expert's matvec under this many FLOPs per token (6 * H * I) takes well under a millisecond on one
+# thread: more threads only add synchronisation, and OpenMP's spinning threads collapse when another
+# process holds a core (the demo model, 2 cores, one busy: 4 tok/s with 2 threads, 130-240 with 1).
+SMALL_EXPERT_FLOPS = 4_000_000
+
+
+def default_threads(cfg: ModelConfig) -> int:
+    """torch's CPU threads when the user sets none: 1 for models whose experts are tiny, else one
+    per physical core (matvecs on big experts are bound by memory bandwidth, which more cores
+    draw more of; hyperthreads share a core's bandwidth and only add contention)."""
+    import psutil
+
+    if 6 * cfg.hidden_size * cfg.moe_intermediate_size < SMALL_EXPERT_FLOPS:
+        return 1
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
 def resolve_device(name: str) -> torch.device:
