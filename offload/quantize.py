@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, resolve_model_path
+from .checkpoint import Checkpoint
 from .errors import OffloadError
 from .formats import ExpertFormat, parse_experts
 from .writer import INDEX, PACKED, ModelWriter, check_new_directory, staged_directory
@@ -41,7 +41,9 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
         raise OffloadError("--group-size applies to int4 only; int8 has one scale per output channel")
     out = Path(out).expanduser()
     check_new_directory(out)
-    src = resolve_model_path(model)
+    from .sources import model_directory
+
+    src = model_directory(model)  # a GGUF, GPTQ, AWQ or FP8 source is converted first (and refused below)
     ckpt = Checkpoint(src)
     try:
         if ckpt.expert_format.quantized:
