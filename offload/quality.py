@@ -28,9 +28,10 @@ import psutil
 import torch
 
 from .api import load
-from .checkpoint import Checkpoint, resolve_model_path
+from .checkpoint import Checkpoint
 from .demo import demo_model_path
 from .errors import OffloadError
+from .sources import model_directory
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 20_000
@@ -115,7 +116,7 @@ def compare(model_a, model_b, text_file, window: int | None = None, max_tokens: 
         raise OffloadError(f"max_tokens={max_tokens!r} (--max-tokens) must be a whole number of at least 1; "
                            "for the whole text pass None (0 on the command line)")
     text = read_text(text_file)
-    path_a, path_b = (demo_model_path() if m is None else resolve_model_path(m) for m in (model_a, model_b))
+    path_a, path_b = (demo_model_path() if m is None else model_directory(m) for m in (model_a, model_b))
     cfg_a, cfg_b = _config(path_a), _config(path_b)
     if not (path_a / "tokenizer.json").exists():
         raise OffloadError(f"{path_a} has no tokenizer.json; the reference model A must bring the tokenizer "

@@ -39,6 +39,10 @@ def test_built_wheel_has_one_root(tmp_path):
     for module in ("offload/cli.py", "offload/cache/__init__.py", "offload/predictors/__init__.py",
                    "offload/profiles/colab-t4.toml", "offload/shapes/qwen3-30b-a3b.json"):
         assert module in names
+    # Every package of the source tree is in the wheel (a package missing from pyproject's list is not).
+    for init in (ROOT / "offload").rglob("__init__.py"):
+        if "demo_model" not in init.parts:
+            assert "offload/" + str(init.relative_to(ROOT / "offload")) in names, init
     assert "offload = offload.cli:main" in entry_points
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
