@@ -14,6 +14,12 @@ cost model count `nbytes`, the format's own size.
                               (GPT-OSS ships its experts so; read as shipped, dequantized per call)
   + biases (GPT-OSS)          gate_up [2I] and down [H], in the compute dtype (dense) or bf16
 
+GPT-OSS's own layouts are read as they are, without conversion: `interleaved` gate/up rows
+(gate = even rows, up = odd: the kernels split the product, which costs nothing), `transposed`
+dense matrices (gate_up [H, 2I], down [I, H], which F.linear takes as a transposed view), and
+`apart`: the pieces are separate extents on disk (mxfp4 blocks, scales and biases), read one
+by one into the slot instead of as one run.
+
 Quantized formats are lossy and opt-in (see offload/quant.py for the arithmetic).
 """
 
@@ -50,11 +56,16 @@ class ExpertFormat:
     dtype: torch.dtype  # the compute dtype: dense weights are stored in it, quantized ones dequantize to it
     group_size: int = 0  # int4 only
     bias: bool = False  # experts with biases (GPT-OSS)
+    interleaved: bool = False  # gate_up rows alternate gate, up (GPT-OSS) instead of all gate, then all up
+    transposed: bool = False  # dense only: stored as gate_up [H, 2I], down [I, H] (GPT-OSS)
+    apart: bool = False  # quantized only: the checkpoint holds each piece as its own extent
 
     def __post_init__(self):
         h, i = self.hidden, self.width
         if self.kind not in ("dense",) + QUANTIZED:
             raise OffloadError(f"expert format {self.kind!r} is unknown; use one of: bf16, {', '.join(QUANTIZED)}")
+        if self.transposed and self.kind != "dense" or self.apart and self.kind == "dense":
+            raise ValueError("transposed applies to dense experts, apart to quantized ones")
         if self.kind == "mxfp4" and (h % MXFP4_GROUP or i % MXFP4_GROUP):
             raise OffloadError(f"mxfp4 experts need hidden_size ({h}) and moe_intermediate_size ({i}) to be "
                                f"multiples of {MXFP4_GROUP}")
@@ -87,7 +98,8 @@ class ExpertFormat:
     def pieces(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         h, i, g = self.hidden, self.width, self.group_size
         if self.kind == "dense":
-            weights = [("gate_up", self.dtype, (2 * i, h)), ("down", self.dtype, (h, i))]
+            weights = ([("gate_up", self.dtype, (h, 2 * i)), ("down", self.dtype, (i, h))] if self.transposed
+                       else [("gate_up", self.dtype, (2 * i, h)), ("down", self.dtype, (h, i))])
         elif self.kind == "int8":
             weights = [("gate_up.q", torch.int8, (2 * i, h)), ("gate_up.s", SCALE_DTYPE, (2 * i,)),
                        ("down.q", torch.int8, (h, i)), ("down.s", SCALE_DTYPE, (h,))]
@@ -129,6 +141,8 @@ class ExpertFormat:
     def read_targets(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Where a checkpoint's extents for one expert go: dense checkpoints keep gate, up and down
         apart on disk (three extents); a quantized directory stores the whole expert as one."""
+        if self.apart or (not self.quantized and (self.transposed or self.interleaved)):
+            return list(self.views(buf))  # GPT-OSS: whole matrices, scales and biases, each its own extent
         if not self.quantized:
             gate_up, down, *biases = self.views(buf)
             return [gate_up[:self.width], gate_up[self.width:], down, *biases]
@@ -160,6 +174,8 @@ class ExpertFormat:
     def dequantize(self, packed: tuple[torch.Tensor, ...], dtype: torch.dtype | None = None):
         """Packed views -> (gate_up [2I, H], down [H, I]) in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.dtype
+        if self.kind == "dense" and self.transposed:
+            return packed[0].T.to(dtype), packed[1].T.to(dtype)  # views: F.linear reads them transposed
         if self.kind == "dense":
             return packed[0].to(dtype), packed[1].to(dtype)
         if self.kind == "int8":
@@ -179,8 +195,8 @@ class ExpertFormat:
 
     def config_block(self) -> dict:
         return {"method": METHOD, "version": VERSION, "experts": self.kind, "group_size": self.group_size,
-                "bias": self.bias, "scale_dtype": "bfloat16", "int4_block": INT4_BLOCK,
-                "bytes_per_expert": self.nbytes}
+                "bias": self.bias, "interleaved": self.interleaved, "scale_dtype": "bfloat16",
+                "int4_block": INT4_BLOCK, "bytes_per_expert": self.nbytes}
 
 
 def parse_experts(value) -> tuple[str, int]:
@@ -215,8 +231,8 @@ def stored_format(raw_config: dict, hidden: int, width: int, dtype: torch.dtype)
     if kind not in QUANTIZED:
         raise OffloadError(f"config.json's {CONFIG_KEY} block names experts={kind!r}; expected one of "
                            f"{', '.join(QUANTIZED)}")
-    group, bias = block.get("group_size", 0), block.get("bias", False)
-    if not isinstance(group, int) or not isinstance(bias, bool):
-        raise OffloadError(f"config.json's {CONFIG_KEY} block has group_size={group!r} or bias={bias!r} of the "
-                           "wrong type; quantize the model again")
-    return ExpertFormat(kind, hidden, width, dtype, group if kind == "int4" else 0, bias)
+    group, bias, interleaved = block.get("group_size", 0), block.get("bias", False), block.get("interleaved", False)
+    if not isinstance(group, int) or not isinstance(bias, bool) or not isinstance(interleaved, bool):
+        raise OffloadError(f"config.json's {CONFIG_KEY} block has group_size, bias or interleaved of the wrong "
+                           "type; quantize the model again")
+    return ExpertFormat(kind, hidden, width, dtype, group if kind == "int4" else 0, bias, interleaved)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats import ExpertFormat
-from .quant import pack_int4
+from .quant import INT4_BLOCK, pack_int4
 
 Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
 # From this many tokens per expert on, the CPU dequantizes and runs bf16/fp32 GEMMs: the weight-only
@@ -38,11 +38,46 @@ DEQUANT_TOKENS = 16
 
 
 def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable,
-              glu: Callable | None = None, biases: tuple = (None, None)) -> torch.Tensor:
+              glu: Callable | None = None, biases: tuple = (None, None), interleaved: bool = False) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) for one expert; x [n, H] -> [n, H]. `glu(gate, up)` replaces
     act(gate) * up where a family gates differently (GPT-OSS); `biases` for experts that have them."""
-    gate, up = F.linear(x, gate_up, biases[0]).chunk(2, dim=-1)  # [n, I] each
+    gate, up = split_gate_up(F.linear(x, gate_up, biases[0]), interleaved)  # [n, I] each
     return F.linear(act(gate) * up if glu is None else glu(gate, up), down, biases[1])
+
+
+def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, 2I] -> gate, up [n, I]: halves, or GPT-OSS's alternating columns."""
+    return (gate_up[..., ::2], gate_up[..., 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
+
+
+def dequantize(fmt: ExpertFormat, packed: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fmt.dequantize(packed, dtype), bit for bit, faster for int4: (gate_up [2I, H], down [H, I]),
+    int4 ones as transposed views of [H, 2I] and [I, H] (F.linear takes them as they are)."""
+    if fmt.kind != "int4":
+        return fmt.dequantize(packed, dtype)
+    return _int4_transposed(packed[0], packed[1], dtype).t(), _int4_transposed(packed[2], packed[3], dtype).t()
+
+
+def _int4_transposed(q: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Blocked nibbles q [N, K/2] and scales_and_zeros [K/g, N, 2] (offload/quant.py) -> W^T [K, N].
+
+    W^T is written straight from the nibble blocks, and its rows fall in groups of g sharing one
+    row of scales, so the scales broadcast instead of being repeated to [N, K]. The arithmetic is
+    dequantize_int4's, (q - 8) * scale + zero with each step rounded to `dtype`, done in fp32
+    (where bf16 and fp16 ops run anyway; a product of a nibble and a bf16 scale is exact there):
+    3-6x faster than dequantize_int4 for an expert of 1024 x 3584 at one thread, same bits."""
+    n, half = q.shape
+    k, groups = 2 * half, sz.shape[0]
+    blocks = q.view(n // INT4_BLOCK, k, INT4_BLOCK // 2).transpose(0, 1)  # [K, N/64, 32]: row j low, j+32 high
+    wt = torch.empty(k, n // INT4_BLOCK, 2, INT4_BLOCK // 2, dtype=torch.float32)  # W^T [K, N]
+    wt[:, :, 0] = blocks & 0xF
+    wt[:, :, 1] = blocks >> 4
+    w = wt.view(groups, k // groups, n).sub_(8)  # [K/g, g, N]
+    w.mul_(sz[..., 0].to(dtype).float()[:, None, :])
+    if dtype != torch.float32:
+        w = w.to(dtype).float()  # the product, rounded as a `dtype` multiply rounds it
+    w.add_(sz[..., 1].to(dtype).float()[:, None, :])
+    return w.view(k, n).to(dtype)
 
 
 @functools.cache
@@ -67,12 +102,12 @@ def cpu_int8_kernel_available() -> bool:
 
 def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: Callable | None = None) -> Kernel:
     """`act` is the family's activation (gate side); `glu(gate, up)`, when given, the whole gating."""
-    if fmt.kind == "dense":
-        return lambda x, packed: dense_ffn(x, packed[0], packed[1], act, glu, fmt.biases(packed, x.dtype))
+    def dequantized(x, packed):  # dense experts: the weights as they are (transposed views for GPT-OSS)
+        gate_up, down = dequantize(fmt, packed, x.dtype)
+        return dense_ffn(x, gate_up, down, act, glu, fmt.biases(packed, x.dtype), fmt.interleaved)
 
-    def dequantized(x, packed):
-        gate_up, down = fmt.dequantize(packed, x.dtype)
-        return dense_ffn(x, gate_up, down, act, glu, fmt.biases(packed, x.dtype))
+    if fmt.kind == "dense":
+        return dequantized
 
     if device.type != "cpu":
         return dequantized
@@ -93,7 +128,7 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
         xb = x.to(torch.bfloat16)  # [n, H]: the kernels take bf16 activations
         b1, b2 = fmt.biases(packed, torch.bfloat16)
         gate_up = matmul(xb, packed[0], packed[1])  # [n, 2I]
-        gate, up = (gate_up if b1 is None else gate_up + b1).chunk(2, dim=-1)  # [n, I] each
+        gate, up = split_gate_up(gate_up if b1 is None else gate_up + b1, fmt.interleaved)  # [n, I] each
         y = matmul(act(gate) * up if glu is None else glu(gate, up), packed[2], packed[3])  # [n, H]
         return (y if b2 is None else y + b2).to(x.dtype)
 

@@ -337,3 +337,32 @@ def test_biases_and_a_custom_gating_reach_every_kernel(kind, group):
         y = expert_kernel(fmt, torch.device("cpu"), F.silu, glu)(x, fmt.views(buf))
         ref = F.linear(glu(F.linear(x, wg, b1[:i]), F.linear(x, wu, b1[i:])), wd, b2)
         assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_gpt_oss_expert_layout_runs_as_transformers_computes_it():
+    """GPT-OSS keeps gate_up as [H, 2I] with gate and up in alternating columns, plus biases:
+    read as is (transposed, interleaved) and computed like transformers' GptOssExperts."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    config = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_local_experts=3,
+                                       num_experts_per_tok=1, swiglu_limit=7.0)
+    torch.manual_seed(0)
+    experts = GptOssExperts(config)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    fmt = ExpertFormat("dense", 64, 32, torch.float32, bias=True, interleaved=True, transposed=True)
+    buf = torch.zeros(fmt.nbytes, dtype=torch.uint8)
+    targets = fmt.read_targets(buf)
+    e = 1
+    for target, source in zip(targets, (experts.gate_up_proj[e], experts.down_proj[e],
+                                        experts.gate_up_proj_bias[e], experts.down_proj_bias[e])):
+        target.copy_(source.detach())  # each piece is its own extent on disk, as saved
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        expected = experts(x, torch.full((5, 1), e), torch.ones(5, 1))
+        kernel = expert_kernel(fmt, torch.device("cpu"), F.silu,
+                               glu=lambda g, u: (u.clamp(-7.0, 7.0) + 1) * g.clamp(max=7.0)
+                               * torch.sigmoid(1.702 * g.clamp(max=7.0)))
+        got = kernel(x, fmt.views(buf))
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
