@@ -177,16 +177,34 @@ def quantize(model, bits, group_size, out):
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="Text file, one prompt per line (default: random token ids).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
-def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts_file, json_out):
+@click.option("--experts", default=None, help="Comma-separated expert formats to run every case in, e.g. "
+              "bf16,int8,int4 (default: as stored); quantized copies are made once, up front. The first "
+              "format is the reference of the second ratio.")
+@click.option("--cases", default="a,b,c", show_default=True,
+              help="Which cases to run: a resident, b RAM cache 1/2, c RAM 1/4 + disk (comma-separated).")
+@click.option("--io-threads", default="auto", show_default=True,
+              help="Comma-separated I/O pool sizes to run case c with (auto: the engine's own).")
+@click.option("--drop-page-cache", default="auto", show_default=True,
+              help="Comma-separated page-cache settings to run case c with: auto (as offload.load decides), "
+                   "on (reads drop their pages), off (the page cache keeps them).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
+              help="Run the whole sequence this many times; figures are medians over rounds (for busy machines).")
+@click.option("--threads", default=None, type=click.IntRange(1),
+              help="torch's CPU threads in every case (default: torch's, one per core).")
+def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts_file, json_out, experts, cases,
+          io_threads, drop_page_cache, rounds, threads):
     """Time MODEL resident, with half the experts cached, and with a quarter in RAM and the rest on disk."""
     import json
     from dataclasses import asdict
 
     from offload.bench import bench as run_bench
+    from offload.bench import parse_cases, parse_io_threads, parse_list, parse_page_cache
 
     prompts = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()] if prompts_file else None
     results = run_bench(model, device, prompt_tokens, new_tokens, repeats, tuple(predictors.split(",")),
-                        prompts, echo=click.echo)
+                        prompts, echo=click.echo, experts=parse_list(experts) or (None,), cases=parse_cases(cases),
+                        io_threads=parse_io_threads(io_threads), page_cache=parse_page_cache(drop_page_cache),
+                        rounds=rounds, threads=threads)
     if json_out:
         tmp = json_out + ".tmp"
         with open(tmp, "w") as f:
@@ -294,10 +312,12 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
 def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_memory, cpu_memory, cache_split,
              dtype, tokens, prompt_tokens, experts, table):
     """Model the decode speed of a configuration by replaying a trace through the real caches and scheduler."""
+    import itertools
+
     from offload.config import parse_memory
+    from offload.formats import parse_experts
     from offload.predictors.trace import load_trace
     from offload.profile import load_profile, shipped_profiles
-    from offload.formats import parse_experts
     from offload.simulate import load_shape, predictor_scores, stored_experts
     from offload.simulate import simulate as run
 
@@ -325,30 +345,34 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
     best, baseline = {}, {}  # profile -> (tok/s, policy, predictor, cpu); baseline: LRU, no prefetch, no CPU
     for prof in profiles:
         hw = load_profile(prof)
-        for pol in (("lru", "lfu", "score") if table else (policy,)):
-            for name in scores:
-                for allow in ((False, True) if table and hw.device != "cpu" else (cpu,)):
-                    try:
-                        r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype,
-                                prompt_tokens, experts)
-                    except OffloadError as exc:
-                        if not table:
-                            raise
-                        click.echo(f"{hw.name:12} {exc}")
-                        break
-                    p = r.placement
-                    click.echo(f"{hw.name:12} {pol:6} {name:9} {'yes' if allow else 'no':4} "
-                               f"{r.tokens_per_second:8.3g} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
-                               f"{r.disk_bytes_per_token / 1e6:11.1f} {r.link_bytes_per_token / 1e6:11.1f} "
-                               f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}"
-                               + (f"  prefill {r.prefill_seconds:.3g} s" if prompt_tokens else ""))
-                    entry = (r.tokens_per_second, pol, name, "CPU experts" if allow and hw.device != "cpu" else "")
-                    best[hw.name] = max(best.get(hw.name, entry), entry)
-                    if (pol, name, allow and hw.device != "cpu") == ("lru", "none", False):
-                        baseline[hw.name] = entry[0]
+        allows = (False, True) if table and hw.device != "cpu" else (cpu,)
+        for pol, name, allow in itertools.product(("lru", "lfu", "score") if table else (policy,), scores, allows):
+            try:
+                r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype,
+                        prompt_tokens, experts)
+            except OffloadError as exc:
+                if not table:
+                    raise
+                click.echo(f"{hw.name:12} {exc}")
+                best[hw.name] = None
+                break  # the plan does not fit this profile, whatever the policy: the next profile
+            p = r.placement
+            click.echo(f"{hw.name:12} {pol:6} {name:9} {'yes' if allow else 'no':4} "
+                       f"{r.tokens_per_second:8.3g} {r.hit_rate:5.0%} {r.cpu_share:9.0%} "
+                       f"{r.disk_bytes_per_token / 1e6:11.1f} {r.link_bytes_per_token / 1e6:11.1f} "
+                       f"{f'{p.device_slots}/{p.host_slots}':>14} {p.split}"
+                       + (f"  prefill {r.prefill_seconds:.3g} s" if prompt_tokens else ""))
+            entry = (r.tokens_per_second, pol, name, "CPU experts" if allow and hw.device != "cpu" else "")
+            best[hw.name] = max(best.get(hw.name, entry), entry)
+            if (pol, name, allow and hw.device != "cpu") == ("lru", "none", False):
+                baseline[hw.name] = entry[0]
     if table:
         click.echo("\nfastest modeled per profile (baseline: lru, no prefetch, no CPU experts):")
-        for name, (speed, pol, pred, side) in best.items():
+        for name, entry in best.items():
+            if entry is None:
+                click.echo(f"  {name:12} no placement fits (see above)")
+                continue
+            speed, pol, pred, side = entry
             base = baseline.get(name, float("nan"))
             click.echo(f"  {name:12} {', '.join(x for x in (pol, pred, side) if x):32} {speed:8.3g} tok/s "
                        f"(baseline {base:.3g}, x{speed / base:.2f})")
@@ -391,6 +415,39 @@ def eval_quality(model_a, model_b, text_file, window, max_tokens, experts_b, dev
                      experts_b=experts_b, progress=True, echo=lambda m: click.echo(m, err=True),
                      device=device, dtype=dtype, threads=threads)
     click.echo(report.table())
+
+
+@main.command()
+@_runtime_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 exposes the server to the network (set --api-key then).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="TCP port.")
+@click.option("--api-key", default=None, envvar="OFFLOAD_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ routes (or set OFFLOAD_API_KEY).")
+@click.option("--model-name", default=None,
+              help="Model id clients send and /v1/models lists; default: MODEL's name, or 'demo'.")
+@click.option("--max-body", default="1MiB", show_default=True, help="Largest request body; larger ones get a 413.")
+@click.option("--max-queue", default=256, show_default=True,
+              help="Requests that may wait for the generation worker; more get a 503.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
+def serve(model, host, port, api_key, model_name, max_body, max_queue, log_level, **runtime):
+    """Serve MODEL over an OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics. Requests run one at a time, in arrival order. Needs `pip install "moe-offload[serve]"`."""
+    from offload.config import parse_memory
+
+    try:
+        from offload.server import ServerConfig, served_name
+        from offload.server import serve as run_server
+    except ImportError as exc:
+        raise OffloadError(f"offload serve needs the serve extra ({exc.name} is missing): "
+                           "pip install \"moe-offload[serve]\"") from None
+    model_name = model_name or served_name(model)
+    config = ServerConfig(model_name=model_name, api_key=api_key, max_body_bytes=parse_memory(max_body, "--max-body"),
+                          max_queue=max_queue)
+    with _load(model, **runtime) as llm:
+        click.echo(f"serving {model_name!r} on http://{host}:{port}/v1", err=True)
+        run_server(llm, host=host, port=port, config=config, log_level=log_level)
 
 
 if __name__ == "__main__":

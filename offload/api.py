@@ -329,6 +329,8 @@ class Runtime:
         for row in out:
             if row.stream is not None:
                 row.stream.close()
+        if len(rows) == 1:
+            loop.stats.finish_reason = loop.finish_reason[0]
         self._stats.record(loop.stats)
         return [
             GenerationResult(row.stream.text if row.stream else "", row.token_ids, loop.stats, loop.finish_reason[r])
@@ -352,4 +354,5 @@ class Runtime:
             if tail:
                 yield tail
         finally:  # also when the consumer stops early (Ctrl-C in chat)
+            loop.stats.finish_reason = loop.finish_reason[0]
             self._stats.record(loop.stats)

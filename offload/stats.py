@@ -14,6 +14,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     time_to_first_token: float = 0.0  # prefill plus the first sampled token
     decode_tokens: int = 0  # tokens after the first step, the ones decode_seconds paid for
+    finish_reason: str = ""  # of a one-prompt run: "eos", "stop", "length" or "context" (GenerationResult's)
 
     @property
     def tokens_per_second(self) -> float:
