@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 
 import click
 
@@ -44,20 +46,50 @@ def _sampling_options(fn):
         click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 turns it off."),
         click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass; 1.0 turns it off."),
         click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+        click.option("--stop", multiple=True, callback=_unescape,
+                     help="Stop when this text appears (repeatable). Backslash escapes \\n, \\t, \\r and "
+                          "\\\\ are read, so --stop '\\n\\n' stops at a blank line."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(ctx, param, values):
+    """--stop values as the shell passes them: \\n, \\t, \\r and \\\\ become the characters they name
+    (bash keeps "\\n" as two characters); any other backslash stays as typed."""
+    return tuple(re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), v) for v in values)
+
+
 def _load(model, **runtime):
-    """offload.load with the _runtime_options, as click passes them."""
+    """offload.load with the _runtime_options, as click passes them; its warnings become one line each."""
     if model is None:
         click.echo("No MODEL given: using the demo model shipped with moe-offload.", err=True)
-    llm = offload.load(model, **runtime)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)  # e.g. gpu_memory ignored on a CPU-only run
+        llm = offload.load(model, **runtime)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            click.echo(f"warning: {w.message}", err=True)
+        else:  # another library's warning, shown as Python would have
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     click.echo(f"[{llm.describe()}]", err=True)
     return llm
+
+
+def _write_json(text: str, path: str) -> None:
+    """Write `text` to `path` through a temp name, so a reader never sees half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 class _Group(click.Group):
@@ -81,24 +113,37 @@ def main():
 @_runtime_options
 @_sampling_options
 @click.option("--prompt", "-p", required=True, help="The text to continue.")
-@click.option("--stats", "show_stats", is_flag=True, help="Print the run's statistics as JSON afterwards.")
-def generate(model, max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats, **runtime):
+@click.option("--stats", "show_stats", is_flag=True,
+              help="Print the run's statistics as JSON to stderr afterwards (stdout keeps only the text).")
+@click.option("--stats-file", default=None, type=click.Path(dir_okay=False),
+              help="Write the statistics as JSON to this file (for `offload plot --stats`).")
+@click.option("--timeline", is_flag=True,
+              help="Record the last decode step's expert work (compute, stalls, reads, copies per layer) into "
+                   "the statistics, for `offload plot`; offloaded runs only (set --cpu-memory or --gpu-memory).")
+def generate(model, max_new_tokens, temperature, top_k, top_p, seed, stop, prompt, show_stats, stats_file,
+             timeline, **runtime):
     """Continue PROMPT with MODEL (a Hugging Face directory or hub id; default: the demo model)."""
     with _load(model, **runtime) as llm:
+        if timeline:
+            llm.record_timeline(True)
         for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop=list(stop)):
             click.echo(piece, nl=False)
         click.echo()
         click.echo(llm.stats.last.summary(), err=True)
         if show_stats:
-            click.echo(llm.stats.to_json())
+            click.echo(llm.stats.to_json(), err=True)
+        if stats_file:
+            _write_json(llm.stats.to_json(), stats_file)
+            click.echo(f"wrote {stats_file}", err=True)
 
 
 @main.command()
 @_runtime_options
 @_sampling_options
 @click.option("--system", default=None, help="A system message to start the conversation with.")
-@click.option("--stats", "show_stats", is_flag=True, help="After each reply, print the full statistics as JSON.")
+@click.option("--stats", "show_stats", is_flag=True,
+              help="After each reply, print the full statistics as JSON to stderr.")
 def chat(model, max_new_tokens, temperature, top_k, top_p, seed, stop, system, show_stats, **runtime):
     """Talk with MODEL in the terminal. /reset starts over, /exit (or Ctrl-D) quits,
     Ctrl-C stops the current reply."""
@@ -227,7 +272,7 @@ def trace(model, prompts, out, hidden, device):
     if not lines:
         raise OffloadError(f"{prompts} has no non-empty line")
     with offload.load(model, device=device, predictor="none") as llm:
-        recorded = llm.trace(lines, hidden=hidden)
+        recorded = llm.trace(lines, hidden=hidden, progress=True)
         save_trace(recorded, out, {"model": str(llm.path), "architecture": llm.config.family.architecture,
                                    "source": f"prompts from {prompts}"})
     click.echo(f"wrote {out}: {recorded.num_tokens} tokens, {recorded.num_layers} MoE layers")
@@ -247,7 +292,7 @@ def train_predictor(model, trace_dir, lookahead, epochs, out):
     from offload.predictors.trace import load_trace
 
     recorded = load_trace(trace_dir)
-    predictor = LearnedPredictor.train(recorded, lookahead=lookahead, epochs=epochs)
+    predictor = LearnedPredictor.train(recorded, lookahead=lookahead, epochs=epochs, progress=True)
     path = predictor.save(out or resolve_model_path(model) / FILENAME)
     click.echo(f"saved {path}")
 
@@ -275,7 +320,7 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     if model is not None and test.hidden is not None:
         predictors["gate"] = GatePredictor(routers_from_checkpoint(offload.checkpoint.resolve_model_path(model)))
     if fit.hidden is not None:
-        predictors["learned"] = LearnedPredictor.train(fit, epochs=epochs)
+        predictors["learned"] = LearnedPredictor.train(fit, epochs=epochs, progress=True)
     predictors["affinity"] = AffinityPredictor(recorded.num_layers, recorded.num_experts, vocab).fit(fit)
     missing = [n for n in ("gate", "learned") if n not in predictors]
     if missing:
@@ -382,11 +427,20 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
 @click.argument("model", required=False)
 @click.option("--device", default="auto", show_default=True, help="Device to measure: auto, cpu, cuda or cuda:N.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the profile here (TOML).")
-def profile(model, device, out):
+@click.option("--tmp-dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Without MODEL, where the disk is measured on a 512 MiB temporary file (removed afterwards); "
+                   "default: the system's temp directory. Pick the drive your models live on.")
+def profile(model, device, out, tmp_dir):
     """Measure this machine (copy, disk and expert-matmul speeds at MODEL's shapes) into a hardware profile."""
+    import tempfile
+
     from offload.profile import measure, save_profile
 
-    measured = measure(model, device=device)
+    if model is None:
+        where = tmp_dir or tempfile.gettempdir()
+        click.echo(f"No MODEL: the disk is measured on a 512 MiB temporary file in {where} (removed afterwards; "
+                   "--tmp-dir DIR measures another drive).", err=True)
+    measured = measure(model, device=device, tmp_dir=tmp_dir)
     for field, value in vars(measured).items():
         click.echo(f"{field:20} {value}")
     if out:
@@ -448,6 +502,35 @@ def serve(model, host, port, api_key, model_name, max_body, max_queue, log_level
     with _load(model, **runtime) as llm:
         click.echo(f"serving {model_name!r} on http://{host}:{port}/v1", err=True)
         run_server(llm, host=host, port=port, config=config, log_level=log_level)
+
+
+@main.command()
+@click.option("--trace", "trace_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A routing trace (offload trace --out DIR): heatmap of the share of tokens each expert gets, "
+                   "per layer.")
+@click.option("--stats", "stats_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A run's statistics (generate --stats-file FILE): hit rate and bytes moved per layer, and "
+                   "the last decode step's timeline when recorded with --timeline.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The PNG file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def plot(trace_dir, stats_file, out, force):
+    """Draw a routing trace and/or a run's statistics into one PNG (needs `pip install "moe-offload[plot]"`)."""
+    from offload.plot import figure, load_stats, save_png
+    from offload.predictors.trace import load_trace
+
+    if trace_dir is None and stats_file is None:
+        raise OffloadError("nothing to plot: give --trace DIR (a routing trace) and/or --stats FILE "
+                           "(from `offload generate ... --stats-file FILE`)")
+    if os.path.exists(out) and not force:  # before any work
+        raise OffloadError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+    trace = load_trace(trace_dir) if trace_dir else None
+    stats = load_stats(stats_file) if stats_file else None
+    if stats is not None and not stats.get("timeline"):
+        click.echo(f"({stats_file} has no timeline: record one with `offload generate ... --timeline "
+                   "--stats-file FILE` on an offloaded run)", err=True)
+    fig, panels = figure(trace, stats)
+    save_png(fig, out, force=force)
+    click.echo(f"wrote {out}: {', '.join(panels)}")
 
 
 if __name__ == "__main__":

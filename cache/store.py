@@ -94,10 +94,18 @@ def safetensors_extents(path: Path) -> dict[str, Extent]:
                              f"({expected} bytes) inside the file's {size - base} data bytes")
         spans.append((start, end, name))
         extents[name] = Extent(Path(path), base + start, end - start, SAFETENSORS_DTYPES[dtype], tuple(shape))
+    # As safetensors requires: the tensors tile the data section exactly, no overlap, no gap. (A header
+    # length off by a byte would otherwise shift every tensor and still look valid.)
     spans.sort()
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise ValueError(f"tensors {a} and {b} overlap")
+        if start_b > end_a:
+            raise ValueError(f"a gap of {start_b - end_a} bytes lies between tensors {a} and {b}")
+    covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if covered != (0, size - base):
+        raise ValueError(f"the tensors cover data bytes {covered[0]}..{covered[1]}, not the file's "
+                         f"0..{size - base}: the header length or the file size is wrong")
     return extents
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from .checkpoint import Checkpoint, read_json
@@ -20,7 +21,7 @@ from .formats import parse_experts
 from .kernels import kernel_name
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
-from .placement import page_cache_too_small, plan, resident_bytes
+from .placement import fmt_bytes, page_cache_too_small, plan, resident_bytes
 from .predictors.affinity import AffinityPredictor
 from .predictors.gate import GatePredictor
 from .predictors.learned import FILENAME as PREDICTOR_FILE
@@ -30,6 +31,19 @@ from .sampling import SamplingParams
 from .sources import model_directory, stderr
 from .stats import ExpertStats, GenerationStats, RuntimeStats
 from .tokenizer import Tokenizer
+
+
+# Loading shows a progress bar (on stderr, on a terminal only) when the checkpoint is larger than this.
+PROGRESS_BYTES = 1 << 30
+
+
+def _bar(total: int, desc: str, unit: str = "B", show: bool = True):
+    """A tqdm bar on stderr, drawn only when `show` and stderr is a terminal (tqdm's disable=None)."""
+    from tqdm import tqdm
+
+    scale = dict(unit_scale=True, unit_divisor=1024) if unit == "B" else {}
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if show else True, leave=False,
+                **scale)
 
 
 @dataclass
@@ -99,6 +113,10 @@ class Runtime:
         self.profile = self._load_profile(options.profile)  # a HardwareProfile, or None
         self.config = cfg = self.checkpoint.config
         self.device = resolve_device(options.device)
+        if options.gpu_memory is not None and self.device.type != "cuda":
+            why = "device='cpu'" if options.device == "cpu" else "no CUDA GPU is available"
+            warnings.warn(f"gpu_memory={fmt_bytes(options.gpu_memory)} is ignored: this run computes on the CPU ({why}); "
+                          "there the experts' RAM budget is cpu_memory", UserWarning, stacklevel=3)
         self.dtype = options.compute_dtype(cfg.dtype, self.device)
         # Dense experts are held in the compute dtype; quantized ones as stored, dequantizing to it.
         self.expert_format = replace(self.checkpoint.expert_format, dtype=self.dtype)
@@ -106,12 +124,13 @@ class Runtime:
         self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype),
                               fmt=self.expert_format)
         self.checkpoint.check_experts(self.expert_format)
-        self.model = self._build_model()
         self._stats = RuntimeStats(ExpertStats(cfg.moe_layers), self.expert_format.name, self.expert_format.nbytes)
-        if self.placement.mode == "resident":
-            self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
-                                                self._stats.experts)
-        else:
+        with self._loading_bar() as bar:
+            self.model = self._build_model(bar)
+            if self.placement.mode == "resident":
+                self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
+                                                    self._stats.experts, progress=bar)
+        if self.placement.mode != "resident":
             self.experts = OffloadedExperts(self.checkpoint, self.placement, self.device, self.expert_format,
                                             options.cache_policy, self.placement.split, self._stats.experts,
                                             prefetch=self._prefetcher(options.predictor),
@@ -123,10 +142,24 @@ class Runtime:
         self.eos_ids = self._eos_ids()
         self.pad_id = next(iter(self.eos_ids), 0)
 
-    def _build_model(self) -> MoECausalLM:
+    def _loading_bar(self):
+        """Bytes read at load: the resident weights, and the experts too when they stay resident.
+        Drawn only for a checkpoint over PROGRESS_BYTES, on a terminal."""
+        ckpt = self.checkpoint
+        size = sum(f.stat().st_size for f in ckpt.shard_files())
+        if size <= PROGRESS_BYTES:
+            return _bar(0, "", show=False)
+        experts = sum(e.nbytes for layer in self.config.moe_layers for x in range(self.config.num_experts)
+                      for e in ckpt.expert_extents(layer, x))
+        total = size if self.placement.mode == "resident" else max(0, size - experts)
+        return _bar(total, f"loading {self.path.name}")
+
+    def _build_model(self, bar=None) -> MoECausalLM:
         cfg, ckpt = self.config, self.checkpoint
-        with init_empty_weights():  # parameters on meta: nothing allocated until loaded
+        with torch.device("meta"):  # parameters on meta: nothing allocated until loaded (accelerate's
+            # init_empty_weights allocates each parameter first, then moves it)
             model = MoECausalLM(cfg)
+        read = set()
         for name, _ in model.named_parameters():
             if name == "lm_head.weight" and cfg.tie_word_embeddings and not ckpt.has(name):
                 source = "model.embed_tokens.weight"
@@ -139,7 +172,13 @@ class Runtime:
                     f"{source} has shape {tuple(value.shape)} but config.json implies {expected}; "
                     "the weights do not belong to this config"
                 )
+            if not value.is_floating_point():
+                raise OffloadError(f"{source} holds {str(value.dtype)[6:]} values, not floating point weights; "
+                                   "the checkpoint is damaged or not a model this runtime reads")
             set_module_tensor_to_device(model, name, self.device, value=value, dtype=self.dtype)
+            if bar is not None and source not in read:  # a tied LM head reads the embedding again
+                bar.update(value.numel() * value.element_size())
+                read.add(source)
         return model.eval()
 
     def _prefetcher(self, name: str) -> Prefetcher | None:
@@ -276,20 +315,33 @@ class Runtime:
         params = SamplingParams.build(max_new_tokens, temperature, top_k, top_p, seed, stop)
         return self._stream_row(ids, params) if stream else self._run([ids], params)[0]
 
-    def trace(self, sequences, hidden: bool = False):
+    def trace(self, sequences, hidden: bool = False, progress: bool = False):
         """Routing of every token of `sequences` (strings or token-id lists), as a
-        `Trace` (predictors/trace.py); `hidden` also keeps each MoE layer's router input."""
+        `Trace` (predictors/trace.py); `hidden` also keeps each MoE layer's router input.
+        `progress` draws a bar of the tokens traced on stderr, when it is a terminal."""
         from .predictors.trace import TraceRecorder
 
         rows = [self._as_ids(s) for s in sequences]
         recorder = TraceRecorder(self.experts, self.config.moe_layers, hidden)
         self.model.set_executor(recorder)
         try:
-            for row in rows:
-                self.logits([row])
+            with _bar(sum(len(r) for r in rows), "tracing", unit="token", show=progress) as bar:
+                for row in rows:
+                    self.logits([row])
+                    bar.update(len(row))
         finally:
             self.model.set_executor(self.experts)
         return recorder.trace(rows)
+
+    def record_timeline(self, on: bool = True) -> None:
+        """Record the last decode step's expert work (compute, stall, disk reads, copies, CPU experts,
+        per layer, with times) into `stats` (the JSON's "timeline"; `offload plot` draws it). Only an
+        offloaded run has one: with every expert resident nothing is fetched."""
+        if not hasattr(self.experts, "record_timeline"):
+            raise OffloadError("the timeline records the offloaded engine, and this runtime holds every expert "
+                               "resident; load it with a budget (e.g. cpu_memory='8MiB' for the demo model) to "
+                               "offload the experts")
+        self.experts.record_timeline(on)
 
     @property
     def stats(self) -> RuntimeStats:

@@ -4,6 +4,19 @@ Each configuration runs in its own child process (so its peak RSS is its
 own), optionally inside a cgroup-v1 memory limit so that the page cache
 cannot hold the checkpoint and "disk" means disk. Figures are medians over
 repeated generations; ratios are to the resident run of the same invocation.
+
+With several expert formats (`experts=("bf16", "int8", "int4")`), every case
+runs once per format, formats interleaved case by case; each format's
+budgets count its own expert bytes, quantized copies are made once up front
+(offload.api's cache), and each row carries two ratios: to the same format's
+resident run and to the first (reference, normally bf16) format's run of the
+same case.
+
+Besides tokens/s, each child reports what the kernel saw during the timed
+generations: the bytes the process really read from storage (/proc/self/io
+`read_bytes`, readahead included) beside the expert bytes the engine counted
+(`bytes_from_disk`), and how long its threads waited on a run queue for a
+core (/proc/self/task/*/schedstat, field 2) as a share of wall time.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +49,11 @@ class Case:
     options: dict  # keyword arguments of offload.load
     memory_limit: int | None = None  # cgroup limit for the child, bytes
     cold: bool = False  # drop the checkpoint from the page cache first
+    model: str | None = None  # the directory to load (a quantized copy), None: the benchmark's model
+    format: str = ""  # the experts' format, as the table names it
+    # Offloaded-engine settings the API does not expose, forced in the child only (None: the API's choice):
+    io_threads: int | None = None  # OffloadedExperts' I/O pool
+    drop_page_cache: bool | None = None  # fadvise(DONTNEED) after each expert read
 
 
 @dataclass
@@ -53,6 +71,12 @@ class CaseResult:
     peak_rss: int
     baseline_rss: int  # after importing torch and offload, before loading: what the interpreter costs
     runs: list = field(default_factory=list)
+    format: str = ""
+    process_read_bytes_per_token: float = 0.0  # /proc/self/io read_bytes: what storage really delivered
+    runqueue_wait_share: float = 0.0  # summed run-queue wait of all threads / wall time
+    on_cpu_share: float = 0.0  # summed CPU time of all threads / wall time (2.0 = two cores busy)
+    io_threads: int = 0  # the offloaded engine's I/O pool as it ran (0: resident)
+    drop_page_cache: bool = False  # whether expert reads dropped their pages, as it ran
 
 
 # ---- the synthetic model ----------------------------------------------------
@@ -117,6 +141,74 @@ def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, int
     return path
 
 
+# ---- what the kernel saw: storage reads and run-queue waits -----------------------
+
+def parse_proc_io(text: str) -> dict[str, int]:
+    """/proc/<pid>/io ("rchar: 123\nread_bytes: 4096\n...") -> {field: value}."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip().isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
+def process_read_bytes(path: str = "/proc/self/io") -> int:
+    """Bytes this process (all its threads, living and exited) caused to be read from storage,
+    readahead included; 0 where the kernel does not account I/O."""
+    try:
+        with open(path) as f:
+            return parse_proc_io(f.read()).get("read_bytes", 0)
+    except OSError:
+        return 0
+
+
+def parse_schedstat(text: str) -> tuple[int, int]:
+    """/proc/.../schedstat ("on-cpu ns, run-queue wait ns, timeslices") -> (on-cpu ns, wait ns)."""
+    fields = text.split()
+    return int(fields[0]), int(fields[1])
+
+
+def thread_schedstats(task_dir: str = "/proc/self/task") -> dict[int, tuple[int, int]]:
+    """Per thread of this process: (on-cpu ns, run-queue wait ns) so far; {} without schedstats."""
+    out = {}
+    try:
+        tids = os.listdir(task_dir)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                out[int(tid)] = parse_schedstat(f.read())
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile, or no schedstats
+    return out
+
+
+def schedstat_delta(before: dict, after: dict) -> tuple[int, int]:
+    """(on-cpu ns, run-queue wait ns) summed over the threads between two `thread_schedstats`:
+    a thread born in between counts from zero; one that ended in between is lost (the kernel
+    keeps no per-thread figures for it), which undercounts and never overcounts."""
+    cpu = wait = 0
+    for tid, (c, w) in after.items():
+        c0, w0 = before.get(tid, (0, 0))
+        cpu, wait = cpu + c - c0, wait + w - w0
+    return cpu, wait
+
+
+class Probe:
+    """Storage reads and scheduler figures of this process over one timed stretch."""
+
+    def __init__(self):
+        self.read0, self.sched0, self.t0 = process_read_bytes(), thread_schedstats(), time.perf_counter()
+
+    def stop(self) -> dict:
+        wall = time.perf_counter() - self.t0
+        cpu, wait = schedstat_delta(self.sched0, thread_schedstats())
+        return dict(process_read_bytes=process_read_bytes() - self.read0, wall_seconds=wall,
+                    on_cpu_seconds=cpu / 1e9, runqueue_wait_seconds=wait / 1e9)
+
+
 # ---- one case, in a child process --------------------------------------------
 
 def peak_rss() -> int:
@@ -132,14 +224,36 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _force_engine(io_threads: int | None, drop_page_cache: bool | None) -> None:
+    """In the bench child only: build the offloaded engine with these settings instead of the API's."""
+    if io_threads is None and drop_page_cache is None:
+        return
+    from . import api
+    from .engine import OffloadedExperts
+
+    class Forced(OffloadedExperts):
+        def __init__(self, *args, **kwargs):
+            if io_threads is not None:
+                kwargs["io_threads"] = io_threads
+            if drop_page_cache is not None:
+                kwargs["drop_page_cache"] = drop_page_cache
+            super().__init__(*args, **kwargs)
+
+    api.OffloadedExperts = Forced
+
+
 def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
              prompts: list[str] | None = None) -> CaseResult:
     import offload
 
+    from .engine import OffloadedExperts
+
     baseline_rss = peak_rss()
+    _force_engine(case.io_threads, case.drop_page_cache)
     start = time.perf_counter()
-    llm = offload.load(model, **case.options)
+    llm = offload.load(case.model or model, **case.options)
     load_seconds = time.perf_counter() - start
+    engine = llm.experts if isinstance(llm.experts, OffloadedExperts) else None
     rng = np.random.default_rng(0)
     runs = []
     for r in range(repeats):
@@ -148,7 +262,9 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
         else:
             prompt = rng.integers(3, llm.config.vocab_size, prompt_tokens).tolist()
         before = llm.stats.experts.total()
+        probe = Probe()
         result = llm.generate(prompt, max_new_tokens=new_tokens)
+        seen = probe.stop()
         after = llm.stats.experts.total()
         n = max(1, len(result.token_ids))
         runs.append(dict(
@@ -157,10 +273,11 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
             hits=after.hits - before.hits, misses=after.misses - before.misses,
             bytes_from_disk=after.bytes_from_disk - before.bytes_from_disk,
             bytes_to_device=after.bytes_to_device - before.bytes_to_device,
-            stall_seconds=after.stall_seconds - before.stall_seconds, tokens=n,
+            stall_seconds=after.stall_seconds - before.stall_seconds, tokens=n, **seen,
         ))
     med = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
     per_token = lambda key: statistics.median(run[key] / run["tokens"] for run in runs)  # noqa: E731
+    share = lambda key: statistics.median(run[key] / run["wall_seconds"] for run in runs)  # noqa: E731
     requests = sum(run["hits"] + run["misses"] for run in runs)
     result = CaseResult(
         name=case.name, placement=llm.placement.describe(), load_seconds=load_seconds,
@@ -169,7 +286,11 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
         bytes_from_disk_per_token=per_token("bytes_from_disk"),
         bytes_to_device_per_token=per_token("bytes_to_device"),
         misses_per_token=per_token("misses"), stall_seconds_per_token=per_token("stall_seconds"),
-        peak_rss=peak_rss(), baseline_rss=baseline_rss, runs=runs,
+        peak_rss=peak_rss(), baseline_rss=baseline_rss, runs=runs, format=case.format,
+        process_read_bytes_per_token=per_token("process_read_bytes"),
+        runqueue_wait_share=share("runqueue_wait_seconds"), on_cpu_share=share("on_cpu_seconds"),
+        io_threads=engine.io._max_workers if engine else 0,
+        drop_page_cache=bool(engine and engine.reader.drop_cache),
     )
     llm.close()
     return result
@@ -200,95 +321,280 @@ def run_child(model: str, case: Case, prompt_tokens: int, new_tokens: int, repea
             except OSError:
                 pass
     if out.returncode != 0:
-        raise RuntimeError(f"case {case.name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"case {case.name} [{case.format}] failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return CaseResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 # ---- the whole benchmark ------------------------------------------------------
 
-def default_cases(model: str, device: str, predictors=("none", "gate")) -> tuple[list[Case], dict]:
-    """(a) resident, (b) experts in RAM with a compute-side cache of half the
-    experts, (c) experts on disk with a RAM budget of a quarter of them; (b)
-    and (c) once per predictor, to show what prefetching saves."""
-    from .checkpoint import Checkpoint, resolve_model_path
-    from .config import RuntimeConfig, resolve_device
-    from .placement import expert_bytes, resident_bytes
+CASES = ("a", "b", "c")
 
-    ckpt = Checkpoint(resolve_model_path(model))
-    cfg, files = ckpt.config, ckpt.shard_files()
+
+def parse_list(text) -> tuple[str, ...]:
+    """"bf16, int8,int4" -> ("bf16", "int8", "int4"); None or "" -> ()."""
+    return tuple(part.strip() for part in str(text or "").split(",") if part.strip())
+
+
+def parse_cases(text) -> tuple[str, ...]:
+    """"a,c" -> ("a", "c"): which of the cases to run."""
+    from .errors import OffloadError
+
+    cases = tuple(c.lower() for c in parse_list(text))
+    bad = [c for c in cases if c not in CASES]
+    if bad or not cases:
+        raise OffloadError(f"cases {text!r}: name some of {', '.join(CASES)} (a resident, b RAM cache 1/2, "
+                           "c RAM 1/4 + disk), comma-separated")
+    return cases
+
+
+def parse_io_threads(text) -> tuple[int | None, ...]:
+    """"1,2,4" -> (1, 2, 4); "" or "auto" -> (None,): the engine's own pool size."""
+    from .errors import OffloadError
+
+    out = []
+    for part in parse_list(text) or ("auto",):
+        if part.lower() == "auto":
+            out.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise OffloadError(f"--io-threads {text!r}: give whole numbers of at least 1 (or auto), comma-separated")
+    return tuple(out)
+
+
+PAGE_CACHE = {"auto": None, "on": True, "off": False}
+
+
+def parse_page_cache(text) -> tuple[bool | None, ...]:
+    """"auto,off" -> (None, False): whether case c's reads drop their pages (on), keep them (off), or as
+    offload.load decides (auto: dropped when the checkpoint does not fit in the memory available)."""
+    from .errors import OffloadError
+
+    parts = [p.lower() for p in parse_list(text) or ("auto",)]
+    bad = [p for p in parts if p not in PAGE_CACHE]
+    if bad:
+        raise OffloadError(f"--drop-page-cache {text!r}: use auto, on or off, comma-separated")
+    return tuple(PAGE_CACHE[p] for p in parts)
+
+
+def format_directory(model: str, experts: str | None) -> tuple[Path, str, str | None]:
+    """(directory holding `model` with its experts in `experts`, the format's name, the `experts=`
+    option that names it): quantized copies are made here, once, in offload.load's cache, so that
+    no timed child quantizes."""
+    from .api import _with_experts
+    from .checkpoint import Checkpoint
+    from .formats import parse_experts
+    from .sources import model_directory
+
+    source = model_directory(model)
+    path = _with_experts(source, experts)
+    ckpt = Checkpoint(path)
     ckpt.close()
-    dtype = RuntimeConfig(device=device).compute_dtype(cfg.dtype, resolve_device(device))
-    eb, resident = expert_bytes(cfg, dtype), resident_bytes(cfg, dtype)
+    stored = ckpt.expert_format
+    if stored.quantized:
+        return path, stored.name, stored.name
+    kind, _ = parse_experts(experts)
+    return path, (experts if experts is not None and kind == "dense" else stored.name), experts
+
+
+def case_budgets(cfg, eb: int, resident: int, device: str, cgroups: bool = True) -> dict:
+    """The expert budgets of cases b and c in one format's bytes (`eb` per expert): (b) half the
+    experts cached where they are computed, (c) a quarter (at least top_k per layer) in RAM, and
+    c's cgroup limit (None without a cgroup-v1 memory controller)."""
     layers = sum(cfg.sparse_layers)
     total = layers * cfg.num_experts
     half, quarter = total // 2, max(total // 4, layers * cfg.top_k)
     if device == "cpu":
-        b_name, b_opts = "b: RAM cache 1/2, page cache", dict(device="cpu", cpu_memory=half * eb)
+        b_opts = dict(device="cpu", cpu_memory=half * eb)
         c_opts = dict(device="cpu", cpu_memory=quarter * eb)
     else:
-        b_name = "b: GPU cache 1/2, experts in RAM"
         b_opts = dict(device=device, gpu_memory=resident + half * eb, cpu_memory=total * eb)
         c_opts = dict(device=device, gpu_memory=resident + half * eb, cpu_memory=quarter * eb)
-    limit = resident + quarter * eb + RUNTIME_OVERHEAD if CGROUP_ROOT.exists() else None
-    cases = [Case("a: resident", dict(device=device))]
-    for predictor in predictors:
-        cases.append(Case(f"{b_name}, {predictor}", dict(b_opts, predictor=predictor)))
-    for predictor in predictors:
-        # cold: the checkpoint is dropped from the page cache, and the cgroup keeps it out
-        cases.append(Case(f"c: RAM 1/4, disk (cgroup), {predictor}", dict(c_opts, predictor=predictor),
-                          memory_limit=limit, cold=True))
-    info = dict(expert_bytes=eb, total_experts=total, resident_bytes=resident, files=files, limit=limit,
-                budgets={"b": b_opts.get("cpu_memory"), "c": c_opts["cpu_memory"]})
-    return cases, info
+    limit = resident + quarter * eb + RUNTIME_OVERHEAD if cgroups else None
+    return dict(b=b_opts, c=c_opts, limit=limit, total=total)
+
+
+def default_cases(model: str, device: str, predictors=("none", "gate"), experts: str | None = None,
+                  cases=CASES, io_threads=(None,), page_cache=(None,), fmt_name: str = "",
+                  threads: int | None = None) -> tuple[list[Case], dict]:
+    """(a) resident, (b) experts in RAM with a compute-side cache of half the
+    experts, (c) experts on disk with a RAM budget of a quarter of them; (b)
+    and (c) once per predictor, to show what prefetching saves; (c) also once per
+    forced I/O pool size and page-cache setting asked for (None: the engine's own).
+    `model` is a directory whose experts are stored in `experts` (None: as stored);
+    budgets count that format's bytes. `threads`: torch's CPU threads in every case (None: torch's default)."""
+    from .checkpoint import Checkpoint
+    from .config import RuntimeConfig, resolve_device
+    from .placement import expert_bytes, resident_bytes
+
+    ckpt = Checkpoint(model)
+    cfg, files = ckpt.config, ckpt.shard_files()
+    ckpt.close()
+    dtype = RuntimeConfig(device=device).compute_dtype(cfg.dtype, resolve_device(device))
+    eb, resident = expert_bytes(cfg, dtype, experts), resident_bytes(cfg, dtype)
+    budgets = case_budgets(cfg, eb, resident, device, CGROUP_ROOT.exists())
+    b_name = "b: RAM cache 1/2, page cache" if device == "cpu" else "b: GPU cache 1/2, experts in RAM"
+    common = dict(model=model, format=fmt_name)
+    with_format = {} if experts is None else dict(experts=experts)
+    if threads is not None:
+        with_format["threads"] = threads
+    out = []
+    if "a" in cases:
+        out.append(Case("a: resident", dict(device=device, **with_format), **common))
+    if "b" in cases:
+        for predictor in predictors:
+            out.append(Case(f"{b_name}, {predictor}", dict(budgets["b"], predictor=predictor, **with_format),
+                            **common))
+    if "c" in cases:
+        for predictor in predictors:
+            for threads in io_threads:
+                for drop in page_cache:
+                    name = f"c: RAM 1/4, disk (cgroup), {predictor}"
+                    name += f", io {threads}" if threads is not None else ""
+                    name += {None: "", True: ", fadvise on", False: ", fadvise off"}[drop]
+                    # cold: the checkpoint is dropped from the page cache, and the cgroup keeps it out
+                    out.append(Case(name, dict(budgets["c"], predictor=predictor, **with_format),
+                                    memory_limit=budgets["limit"], cold=True, io_threads=threads,
+                                    drop_page_cache=drop, **common))
+    info = dict(expert_bytes=eb, total_experts=budgets["total"], resident_bytes=resident, files=files,
+                limit=budgets["limit"], budgets={"b": budgets["b"].get("cpu_memory"), "c": budgets["c"]["cpu_memory"]})
+    return out, info
+
+
+def interleave(per_format: list[list[Case]]) -> list[Case]:
+    """Cases of several formats in run order: case by case, the formats in turn (a bf16, a int4,
+    b bf16, b int4, ...), so that the runs compared against each other are close in time."""
+    out = []
+    for i in range(max((len(cases) for cases in per_format), default=0)):
+        out.extend(cases[i] for cases in per_format if i < len(cases))
+    return out
+
+
+def ratios(results: list[CaseResult]) -> list[tuple[float | None, float | None]]:
+    """Per result: (tok/s over its own format's resident run, tok/s over the reference format's run of
+    the same case); the reference format is the first one run. None where there is no such run."""
+    reference = results[0].format if results else ""
+    by = {(r.format, r.name): r for r in results}
+    out = []
+    for r in results:
+        pair = []
+        for other in (by.get((r.format, "a: resident")), by.get((reference, r.name))):
+            pair.append(r.tokens_per_second / other.tokens_per_second
+                        if other is not None and other.tokens_per_second else None)
+        out.append(tuple(pair))
+    return out
+
+
+def merge(rounds: list[CaseResult]) -> CaseResult:
+    """One case's results over several rounds: medians of the figures, the highest peak RSS, all runs."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = {}
+    for f in fields(CaseResult):
+        values = [getattr(r, f.name) for r in rounds]
+        if f.name == "runs":
+            out[f.name] = [run for r in rounds for run in r.runs]
+        elif f.name in ("peak_rss", "baseline_rss"):
+            out[f.name] = max(values)
+        elif isinstance(values[0], float):
+            out[f.name] = statistics.median(values)
+        else:
+            out[f.name] = values[0]
+    return CaseResult(**out)
 
 
 def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
-          predictors=("none", "gate"), prompts: list[str] | None = None, echo=print) -> list[CaseResult]:
-    cases, info = default_cases(model, device, predictors)
-    echo(f"model {model}: {info['total_experts']} experts x {fmt_bytes(info['expert_bytes'])}, "
-         f"other weights {fmt_bytes(info['resident_bytes'])}; {prompt_tokens}-token prompt, {new_tokens} new "
-         f"tokens, median of {repeats}; torch threads {torch.get_num_threads()}; "
+          predictors=("none", "gate"), prompts: list[str] | None = None, echo=print, experts=(None,),
+          cases=CASES, io_threads=(None,), page_cache=(None,), rounds: int = 1,
+          threads: int | None = None) -> list[CaseResult]:
+    """Run the cases for each expert format in `experts` (None: as stored; e.g. ("bf16", "int8",
+    "int4")), formats interleaved; the first format is the reference of the second ratio. With
+    `rounds` > 1 the whole sequence runs that many times and each figure is the median over rounds."""
+    formats = [format_directory(model, e) for e in (experts or (None,))]
+    planned, infos = [], {}
+    for path, name, option in formats:
+        cs, info = default_cases(str(path), device, predictors, option, cases, io_threads, page_cache, name,
+                                 threads)
+        planned.append(cs)
+        infos[name] = info
+    first = infos[formats[0][1]]
+    echo(f"model {model}: {first['total_experts']} experts, other weights {fmt_bytes(first['resident_bytes'])}; "
+         f"{prompt_tokens}-token prompt, {new_tokens} new tokens, median of {repeats}"
+         + (f" x {rounds} rounds" if rounds > 1 else "") + "; torch threads "
+         f"{threads or torch.get_num_threads()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
          f"prompts: {'text' if prompts else 'random token ids'}")
-    if info["limit"] is None:
+    for name, info in infos.items():
+        budgets = info["budgets"]
+        echo(f"  {name}: {fmt_bytes(info['expert_bytes'])} per expert; expert budgets b "
+             f"{fmt_bytes(budgets['b']) if budgets['b'] else '-'}, c {fmt_bytes(budgets['c'])}"
+             + (f", cgroup limit for c {fmt_bytes(info['limit'])}" if info["limit"] else ""))
+    if first["limit"] is None and "c" in cases:
         echo("(no cgroup-v1 memory controller here: case c runs unconfined, the page cache may hide the disk)")
     cold_bw = None
-    results = []
-    for case in cases:
-        if case.cold:
-            drop_from_page_cache(info["files"])
-            if cold_bw is None:
-                cold_bw = read_bandwidth(info["files"], limit=512 << 20)
-                drop_from_page_cache(info["files"])
-        echo(f"  running {case.name} ...")
-        results.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts))
-    read_bandwidth(info["files"], limit=512 << 20)  # bring these bytes into the page cache...
-    warm_bw = read_bandwidth(info["files"], limit=512 << 20)  # ...then time a RAM-to-RAM copy of them
-    base = results[0]
+    order = interleave(planned)
+    per_case: list[list[CaseResult]] = [[] for _ in order]
+    for round_ in range(rounds):
+        for case, done in zip(order, per_case):
+            files = infos[case.format]["files"]
+            if case.cold:
+                drop_from_page_cache(files)
+                if cold_bw is None:
+                    cold_bw = read_bandwidth(files, limit=512 << 20)
+                    drop_from_page_cache(files)
+            echo(f"  running {case.name} [{case.format}]" + (f", round {round_ + 1}/{rounds}" if rounds > 1 else "")
+                 + f" (load average {os.getloadavg()[0]:.1f}) ...")
+            done.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts))
+    results = [merge(done) for done in per_case]
+    ref_files = infos[formats[0][1]]["files"]
+    read_bandwidth(ref_files, limit=512 << 20)  # bring these bytes into the page cache...
+    warm_bw = read_bandwidth(ref_files, limit=512 << 20)  # ...then time a RAM-to-RAM copy of them
+    report(results, echo)
     echo("")
-    echo(f"{'case':40} {'tok/s':>7} {'ratio':>6} {'TTFT s':>7} {'hit':>5} {'MB disk/tok':>11} "
-         f"{'MB dev/tok':>10} {'stall/tok':>9} {'peak RSS':>10} {'- baseline':>10}")
+    echo(f"bandwidth: page-cache copy {warm_bw / 1e9:.2f} GB/s"
+         + (f"; cold disk read {cold_bw / 1e9:.2f} GB/s" if cold_bw else ""))
+    resident = {r.format: r for r in results if r.name == "a: resident"}
     for r in results:
-        ratio = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
-        echo(f"{r.name:40} {r.tokens_per_second:7.2f} {ratio:6.2f} {r.time_to_first_token:7.2f} "
-             f"{r.hit_rate:5.0%} {r.bytes_from_disk_per_token / 1e6:11.1f} {r.bytes_to_device_per_token / 1e6:10.1f} "
-             f"{r.stall_seconds_per_token:9.3f} {fmt_bytes(r.peak_rss):>10} "
-             f"{fmt_bytes(r.peak_rss - r.baseline_rss):>10}")
-    budgets = info["budgets"]
-    echo(f"(peak RSS - baseline: what loading and running added over the bare interpreter with torch; expert "
-         f"budgets: b {fmt_bytes(budgets['b']) if budgets['b'] else '-'}, c {fmt_bytes(budgets['c'])}; "
-         f"resident {fmt_bytes(info['resident_bytes'])}"
-         + (f"; cgroup limit for c {fmt_bytes(info['limit'])})" if info["limit"] else ")"))
-    echo("")
-    echo(f"bandwidth: page-cache copy {warm_bw / 1e9:.2f} GB/s; cold disk read {cold_bw / 1e9:.2f} GB/s")
-    for r in results[1:]:
+        base = resident.get(r.format)
+        if r.name == "a: resident" or base is None or not base.tokens_per_second:
+            continue
         bw, what = (cold_bw, "disk read") if r.name.startswith("c") else (warm_bw, "page-cache copy")
         moved = r.bytes_from_disk_per_token
         floor = moved / bw if bw else 0.0
-        echo(f"bound for {r.name}: {moved / 1e6:.1f} MB/token at the {what} bandwidth = {floor * 1000:.1f} ms "
-             f"of I/O per token + {1000 / base.tokens_per_second:.1f} ms of compute -> "
-             f"{1 / (floor + 1 / base.tokens_per_second):.2f} tok/s without overlap, "
-             f"{1 / max(floor, 1 / base.tokens_per_second):.2f} with perfect overlap; measured {r.tokens_per_second:.2f}")
+        compute = 1 / base.tokens_per_second
+        echo(f"bound for {r.name} [{r.format}]: {moved / 1e6:.1f} MB/token at the {what} bandwidth = "
+             f"{floor * 1000:.1f} ms of I/O per token + {compute * 1000:.1f} ms of compute -> "
+             f"{1 / (floor + compute):.2f} tok/s without overlap, {1 / max(floor, compute):.2f} with perfect "
+             f"overlap; measured {r.tokens_per_second:.2f}")
     return results
+
+
+def read_over_counted(r: CaseResult) -> float | None:
+    """Bytes the process read from storage per expert byte the engine counted (None: none counted)."""
+    return r.process_read_bytes_per_token / r.bytes_from_disk_per_token if r.bytes_from_disk_per_token else None
+
+
+def report(results: list[CaseResult], echo=print) -> None:
+    """The results table: speed and ratios, traffic counted and seen by the kernel, waits, memory."""
+    reference = results[0].format if results else ""
+    width = max([len(r.name) for r in results] + [4])
+    show = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+    echo("")
+    echo(f"{'case':{width}} {'format':>8} {'tok/s':>7} {'x a':>5} {'x ' + reference:>9} {'TTFT s':>7} {'hit':>4} "
+         f"{'MB disk/tok':>11} {'MB read/tok':>11} {'read/disk':>9} {'runq wait':>9} {'on-CPU':>6} {'io':>3} "
+         f"{'drop':>4} {'peak RSS':>10} {'-baseline':>10}")
+    for r, (own, ref) in zip(results, ratios(results)):
+        echo(f"{r.name:{width}} {r.format:>8} {r.tokens_per_second:7.2f} {show(own):>5} {show(ref):>9} "
+             f"{r.time_to_first_token:7.2f} {r.hit_rate:4.0%} {r.bytes_from_disk_per_token / 1e6:11.1f} "
+             f"{r.process_read_bytes_per_token / 1e6:11.1f} {show(read_over_counted(r)):>9} "
+             f"{r.runqueue_wait_share:9.0%} {r.on_cpu_share:6.0%} {r.io_threads or '-':>3} "
+             f"{('on' if r.drop_page_cache else 'off') if r.io_threads else '-':>4} "
+             f"{fmt_bytes(r.peak_rss):>10} {fmt_bytes(r.peak_rss - r.baseline_rss):>10}")
+    echo(f"(x a: over the same format's resident run; x {reference}: over the {reference} run of the same case. "
+         "MB disk/tok: expert bytes the engine counted as read; MB read/tok: what the process read from storage "
+         "(/proc/self/io read_bytes, readahead included). runq wait: time all threads waited for a core, on-CPU: "
+         "time they ran, both summed over threads over wall time. io: the I/O pool; drop: expert reads drop their "
+         "pages from the page cache. Peak RSS - baseline: what loading and running added over the bare "
+         "interpreter with torch.)")
 
 
 def _child_main(payload: str) -> None:

@@ -167,11 +167,13 @@ class Checkpoint:
                     size = math.prod(extent.shape)
                     # The shape, not just the size: a transposed [H, I] expert would compute garbage.
                     if len(extents) != len(targets) or tuple(extent.shape) != tuple(target.shape) or (
-                            fmt.quantized and extent.dtype != torch.uint8):
+                            extent.dtype != target.dtype if fmt.quantized else not extent.dtype.is_floating_point):
                         raise OffloadError(
                             f"expert {expert} of layer {layer} in {extent.file.name} has shape {list(extent.shape)} "
                             f"({size} {str(extent.dtype)[6:]} values), but {fmt.name} experts of this config need "
-                            f"shape {list(target.shape)}; the checkpoint is damaged or does not "
+                            f"shape {list(target.shape)} of "
+                            f"{str(target.dtype)[6:] if fmt.quantized else 'floating point'} values; "
+                            "the checkpoint is damaged or does not "
                             "match its config.json" + (" (quantize it again)" if fmt.quantized else ""))
 
     def _extent(self, name: str):

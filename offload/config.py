@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+MAX_DIM = 1 << 24  # no real model has a size (hidden, vocab, experts, context...) anywhere near 16.7M
 ROPE_TYPES = ("default", "linear")
 
 
@@ -80,6 +82,16 @@ class ModelConfig:
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_heads <= 0:
             raise OffloadError("config.json has non-positive hidden_size, num_hidden_layers or num_attention_heads")
+        sizes = {"vocab_size": self.vocab_size, "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                 "num_experts": self.num_experts, "moe_intermediate_size": self.moe_intermediate_size,
+                 "max_position_embeddings": self.max_position_embeddings,
+                 "intermediate_size": self.intermediate_size if not all(self.sparse_layers) else 1}
+        bad = [f"{k}={v}" for k, v in sizes.items() if not 0 < v <= MAX_DIM] + (
+            [f"shared_expert_intermediate_size={self.shared_expert_intermediate_size}"]
+            if self.shared_expert_intermediate_size < 0 else [])
+        if bad:
+            raise OffloadError(f"config.json has sizes out of range ({', '.join(bad)}: each must be 1..{MAX_DIM}); "
+                               "the file is damaged")
         if self.num_heads % self.num_kv_heads:
             raise OffloadError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
@@ -90,6 +102,13 @@ class ModelConfig:
             raise OffloadError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACT)}")
         if len(self.sparse_layers) != self.num_layers or len(self.sliding_windows) != self.num_layers:
             raise OffloadError("per-layer settings do not match num_hidden_layers")
+        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        if not all(w is None or whole(w) and w > 0 for w in self.sliding_windows):
+            raise OffloadError(f"config.json's sliding_window must be a positive whole number or null, "
+                               f"not {next(w for w in self.sliding_windows if w is not None)!r}")
+        if not all(whole(t) for t in self.eos_token_ids) or not (self.bos_token_id is None
+                                                                  or whole(self.bos_token_id)):
+            raise OffloadError("config.json's bos_token_id and eos_token_id must be token ids (whole numbers)")
         grouped = self.family.router == "deepseek_v3" or self.topk_method == "group_limited_greedy"
         # V3 ranks a group by its two best experts: groups of at least two.
         smallest = 2 if self.family.router == "deepseek_v3" else 1
@@ -126,7 +145,7 @@ class ModelConfig:
             hidden = int(raw["hidden_size"])
             heads = int(raw["num_attention_heads"])
             layers = int(raw["num_hidden_layers"])
-            if min(hidden, heads, layers) <= 0:
+            if min(hidden, heads, layers) <= 0 or max(hidden, heads, layers) > MAX_DIM:
                 raise OffloadError("config.json has non-positive hidden_size, num_hidden_layers or "
                                    "num_attention_heads; the file is damaged or not a model's config")
             # Latent attention reads its own RoPE (YaRN included) in its family's parser.
@@ -171,16 +190,27 @@ def _rope(raw: dict) -> tuple[float, float]:
     return theta, factor
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_MEMORY = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
 def parse_memory(value, what: str) -> int | None:
-    """'6GiB', '500MB', 1234 -> bytes (via accelerate); None stays None (= measure)."""
+    """'6GiB', '1.5TB', '512MiB', '4194304' or 4194304 -> bytes; None stays None (= measure).
+
+    KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000 (any letter case; a trailing
+    B alone or no unit means bytes). accelerate's convert_file_size_to_int, used before, refused
+    digit strings and TiB/TB and read a lowercase 'Gb' as gigabits."""
     if value is None:
         return None
-    from accelerate.utils import convert_file_size_to_int
-
-    try:
-        size = convert_file_size_to_int(value)
-    except (ValueError, TypeError, AttributeError):
-        raise OffloadError(f"{what}={value!r} is not a memory size; write it like '6GiB', '512MB' or a number of bytes") from None
+    match = _MEMORY.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif match and match.group(2).lower() in _MEMORY_UNITS:
+        size = int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()])
+    else:
+        raise OffloadError(f"{what}={value!r} is not a memory size; write it like '6GiB', '512MB', '1TiB' or a "
+                           "number of bytes ('4194304')")
     if size <= 0:
         raise OffloadError(f"{what}={value!r} must be positive")
     return size

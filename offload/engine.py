@@ -39,7 +39,7 @@ from .formats import ExpertFormat
 from .kernels import expert_kernel
 from .placement import Placement
 from .prefetch import Prefetcher
-from .stats import ExpertStats
+from .stats import Event, ExpertStats, Timeline
 
 # decide(missing experts of one layer step, as scheduler.ExpertWork) -> {expert: "fetch" | "cpu"}
 Decide = Callable[[list], dict[int, str]]
@@ -60,6 +60,9 @@ class OffloadedExperts:
         self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
         self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
         self.device, self.stats = device, stats
+        # The timeline recorder (opt-in, record_timeline): while on, the events of the current decode
+        # step, else None; every recording site checks `events is not None` and does nothing more.
+        self.recording, self.events = False, None
         self.expert_bytes = placement.expert_bytes  # fmt.nbytes: what one fetch moves
         act = ACT[cfg.hidden_act]
         self.kernel = expert_kernel(fmt, device, act)
@@ -93,6 +96,21 @@ class OffloadedExperts:
     def begin_step(self, input_ids: torch.Tensor) -> None:
         """Called by the model before each forward: the token ids the predictors may use."""
         self.tokens = input_ids.reshape(-1).cpu().numpy()
+        if self.recording:
+            self._timeline_step(input_ids)
+
+    def record_timeline(self, on: bool = True) -> None:
+        """Record what every decode step's expert work did when (compute, stall, read, fetch, cpu
+        spans per layer); the last decode step is kept as `stats.timeline` (in the stats JSON under
+        "timeline"). Off by default: then nothing on the hot path is timed or stored."""
+        self.recording, self.events = bool(on), None
+
+    def _timeline_step(self, input_ids: torch.Tensor) -> None:
+        if input_ids.shape[-1] != 1:  # a prefill: not recorded, the last decode step's timeline stays
+            self.events = None
+            return
+        timeline = Timeline(time.perf_counter(), int(input_ids.shape[0]))
+        self.stats.timeline, self.events = timeline, timeline.events
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +125,8 @@ class OffloadedExperts:
 
     def _step(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
               probs: torch.Tensor | None) -> torch.Tensor:
+        events = self.events  # None unless a decode step's timeline is being recorded
+        begin = time.perf_counter() if events is not None else 0.0
         experts = torch.unique(ids).tolist()
         counters = self.stats[layer]
         if probs is not None:
@@ -144,13 +164,16 @@ class OffloadedExperts:
                 self._prefetch(target_layer, wanted, busy(), self.stats[target_layer])
         for e in present:
             self._await_prefetch((layer, e), counters)
+            start = time.perf_counter() if events is not None else 0.0
             parts[e] = self._compute(hidden, ids, weights, e, self.cache.lookup((layer, e)))
+            if events is not None:
+                events.append(Event(layer, "compute", start, time.perf_counter(), e))
             needed.discard((layer, e))
             issue()
         while inflight or pending:
             if not inflight:  # the host slots are held by CPU experts or prefetches: let one finish
                 if cpu_parts:
-                    self._collect_cpu(cpu_parts, parts, hidden.device, counters)
+                    self._collect_cpu(layer, cpu_parts, parts, hidden.device, counters)
                 elif self.prefetching:  # wrong guesses still being read into this layer's slots
                     next(iter(self.prefetching.values())).result()
                     self._forget_finished_prefetches()
@@ -159,13 +182,19 @@ class OffloadedExperts:
                 issue()
                 continue
             e, slot, future = inflight.popleft()
-            self._await(future, counters)
+            self._await(future, counters, (layer, e))
+            start = time.perf_counter() if events is not None else 0.0
             parts[e] = self._compute(hidden, ids, weights, e, slot)
+            if events is not None:
+                events.append(Event(layer, "compute", start, time.perf_counter(), e))
             needed.discard((layer, e))
             issue()
         while cpu_parts:
-            self._collect_cpu(cpu_parts, parts, hidden.device, counters)
-        return accumulate(hidden, parts)
+            self._collect_cpu(layer, cpu_parts, parts, hidden.device, counters)
+        out = accumulate(hidden, parts)
+        if events is not None:  # the whole expert step of this layer, bookkeeping included
+            events.append(Event(layer, "layer", begin, time.perf_counter()))
+        return out
 
     # ---- experts computed on the CPU, where their weights already are ------------
 
@@ -189,27 +218,38 @@ class OffloadedExperts:
                 continue
             host_slot, from_disk = self._host_slot((layer, e), counters)
             counters.experts_on_cpu += 1
-            future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, *host)
+            future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, *host,
+                                            events=self.events)
             future.host_slot = host_slot
             self.outstanding[future] = (None, (layer, e))
             futures[e] = future
         return futures
 
-    def _collect_cpu(self, cpu_parts: dict, parts: dict, device, counters) -> None:
+    def _collect_cpu(self, layer: int, cpu_parts: dict, parts: dict, device, counters) -> None:
         e = next(iter(cpu_parts))
         start = time.perf_counter()
         future = cpu_parts.pop(e)
         token, y = future.result()  # the CPU experts ran beside the device's work
-        counters.stall_seconds += time.perf_counter() - start
+        end = time.perf_counter()
+        counters.stall_seconds += end - start
+        if self.events is not None:
+            self.events.append(Event(layer, "stall", start, end, e))
         self._release(future)
         parts[e] = (token.to(device), y.to(device))
 
-    def _cpu_expert(self, layer, expert, host_slot, from_disk, hidden, ids, weights):
+    def _cpu_expert(self, layer, expert, host_slot, from_disk, hidden, ids, weights, events=None):
         """CPU worker thread: read the expert into its host slot if needed, then compute it there."""
         if from_disk:
             self._host_ready(host_slot)
+            start = time.perf_counter() if events is not None else 0.0
             self.reader.read(layer, expert, self.host_pool.targets(host_slot))
-        return contribution(hidden, ids, weights, expert, self.host_pool[host_slot], self.cpu_kernel)
+            if events is not None:
+                events.append(Event(layer, "read", start, time.perf_counter(), expert))
+        start = time.perf_counter() if events is not None else 0.0
+        part = contribution(hidden, ids, weights, expert, self.host_pool[host_slot], self.cpu_kernel)
+        if events is not None:
+            events.append(Event(layer, "cpu", start, time.perf_counter(), expert))
+        return part
 
     def _admit(self, key, busy) -> int:
         slot, evicted = self.cache.admit(key, busy)
@@ -217,10 +257,13 @@ class OffloadedExperts:
             self.copy_done.pop(evicted, None)
         return slot
 
-    def _await(self, future: Future, counters) -> None:
+    def _await(self, future: Future, counters, key) -> None:
         start = time.perf_counter()
         ready = future.result()  # compute waits for the I/O threads here and nowhere else
-        counters.stall_seconds += time.perf_counter() - start
+        end = time.perf_counter()
+        counters.stall_seconds += end - start
+        if self.events is not None:
+            self.events.append(Event(key[0], "stall", start, end, key[1]))
         self._release(future)
         if self.gpu:
             torch.cuda.current_stream(self.device).wait_event(ready)  # kernels after the copy
@@ -246,7 +289,7 @@ class OffloadedExperts:
     def _await_prefetch(self, key, counters) -> None:
         future = self.prefetching.pop(key, None)
         if future is not None:
-            self._await(future, counters)
+            self._await(future, counters, key)
         elif self.gpu and key in self.copy_done:
             torch.cuda.current_stream(self.device).wait_event(self.copy_done.pop(key))
 
@@ -275,13 +318,17 @@ class OffloadedExperts:
         key = (layer, expert)
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
-            future = self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
+            if self.events is None:
+                future = self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
+            else:
+                future = self.io.submit(self._recorded_read, self.events, layer, expert, self.pool.targets(slot))
             self.outstanding[future] = (key, None)
             return future
         host_slot, from_disk = self._host_slot((layer, expert), counters)
         counters.bytes_to_device += self.expert_bytes
         released = self.slot_released[slot] if self.gpu else None
-        future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released)
+        future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released,
+                                events=self.events)
         future.host_slot = host_slot  # released by the main thread once it has seen the result
         self.outstanding[future] = (key, key)
         return future
@@ -339,14 +386,27 @@ class OffloadedExperts:
         if previous is not None:
             previous.synchronize()  # an earlier copy out of this host slot must finish before we overwrite it
 
-    def _to_device(self, layer, expert, slot, host_slot, from_disk, released):
+    def _recorded_read(self, events: list, layer: int, expert: int, targets) -> int:
+        """I/O thread, while recording a timeline: reader.read, timed."""
+        start = time.perf_counter()
+        n = self.reader.read(layer, expert, targets)
+        events.append(Event(layer, "read", start, time.perf_counter(), expert))
+        return n
+
+    def _to_device(self, layer, expert, slot, host_slot, from_disk, released, events=None):
         """I/O thread: disk -> host slot (if needed), then host -> compute slot (on the copy stream on a GPU)."""
         if from_disk:
             self._host_ready(host_slot)
+            start = time.perf_counter() if events is not None else 0.0
             self.reader.read(layer, expert, self.host_pool.targets(host_slot))
+            if events is not None:
+                events.append(Event(layer, "read", start, time.perf_counter(), expert))
+        start = time.perf_counter() if events is not None else 0.0
         src, dst = self.host_pool.data[host_slot], self.pool.data[slot]  # one expert's bytes, any format
         if not self.gpu:
             dst.copy_(src)
+            if events is not None:
+                events.append(Event(layer, "fetch", start, time.perf_counter(), expert))
             return None
         with torch.cuda.stream(self.copy_stream):
             if released is not None:
@@ -355,6 +415,8 @@ class OffloadedExperts:
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         self.host_copied[host_slot] = done
+        if events is not None:  # the copy was queued, not finished: the host's view
+            events.append(Event(layer, "fetch", start, time.perf_counter(), expert))
         return done
 
     def close(self) -> None:

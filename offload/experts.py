@@ -67,7 +67,9 @@ class ResidentExperts:
         self.stats = stats or ExpertStats(pools)
 
     @classmethod
-    def load(cls, checkpoint, fmt: ExpertFormat, device: torch.device, stats: ExpertStats) -> "ResidentExperts":
+    def load(cls, checkpoint, fmt: ExpertFormat, device: torch.device, stats: ExpertStats,
+             progress=None) -> "ResidentExperts":
+        """Read every expert into place; `progress` (a tqdm bar, or None) is advanced by the bytes read."""
         from .cache.store import ExpertReader, SlotPool
 
         cfg = checkpoint.config
@@ -82,10 +84,12 @@ class ResidentExperts:
                 pools[layer] = pool = SlotPool(cfg.num_experts, fmt, device)
                 for expert in range(cfg.num_experts):
                     if staging is None:
-                        reader.read(layer, expert, pool.targets(expert))
+                        n = reader.read(layer, expert, pool.targets(expert))
                     else:
-                        reader.read(layer, expert, staging.targets(0))
+                        n = reader.read(layer, expert, staging.targets(0))
                         pool.data[expert].copy_(staging.data[0])
+                    if progress is not None:
+                        progress.update(n)
         finally:
             reader.close()
         return cls(pools, expert_kernel(fmt, device, ACT[cfg.hidden_act]), stats)

@@ -1,4 +1,10 @@
-"""Preallocated key/value cache: one [B, Hkv, S, D] pair per layer, filled in place."""
+"""Preallocated key/value cache: one [B, Hkv, S, D] pair per layer, filled in place.
+
+Multi-head latent attention (offload/models/mla.py) caches one row per token
+instead: the compressed latent and the rotated key, [B, 1, S, kv_lora_rank +
+qk_rope_head_dim] in the keys' place (its config says num_kv_heads=1 and
+head_dim=that width); it never asks for values, so none are allocated.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ class KVCache:
                  device: torch.device, dtype: torch.dtype):
         shape = (batch, num_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        # Values are allocated with the first `append` of a layer: latent attention has none.
+        self.v: list[torch.Tensor | None] = [None] * num_layers
         # Which slots hold real tokens: left padding of a batch stays False forever.
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # [B, S]
         self.length = 0  # slots filled so far (same for every row)
@@ -19,9 +26,17 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, Hkv, T, D] at the current end; return all keys/values so far [B, Hkv, L+T, D]."""
         start, end = self.length, self.length + k.shape[2]
+        if self.v[layer] is None:
+            self.v[layer] = torch.zeros_like(self.k[layer])
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def append_latent(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Latent attention: write rows [B, T, W] at the current end; return all rows so far [B, L+T, W]."""
+        start, end = self.length, self.length + rows.shape[1]
+        self.k[layer][:, 0, start:end] = rows
+        return self.k[layer][:, 0, :end]
 
     def reserve(self, valid: torch.Tensor) -> None:
         """Mark the next T slots, valid [B, T], before the layers write them."""

@@ -78,11 +78,9 @@ def expert_bytes(cfg: ModelConfig, dtype: torch.dtype, experts=None) -> int:
 
 def resident_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes of the non-expert weights, from the model built on the meta device."""
-    from accelerate import init_empty_weights
-
     from .models.decoder import MoECausalLM
 
-    with init_empty_weights():
+    with torch.device("meta"):  # nothing allocated, however large the config says the model is
         model = MoECausalLM(cfg)
     return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
 

@@ -208,7 +208,7 @@ MiB = 1 << 20
 
 def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, intermediate: int | None = None,
             dtype: str | None = None, read_bytes: int = 512 * MiB, batch: int = 64, repeats: int = 5,
-            experts: str | None = None) -> HardwareProfile:
+            experts: str | None = None, tmp_dir=None) -> HardwareProfile:
     """Measure this machine. The expert shape and dtype are the model's (config.json) when given,
     else H=2048, I=5632 in bf16 (a 69 MB expert). The matmul timings rotate through copies of
     the weights larger than any cache, so batch 1 measures memory bandwidth as a real model's
@@ -254,7 +254,7 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
         # A GPU's fp16 ridge point is ~200 FLOP/byte, i.e. ~200 tokens: at 64 it is still bandwidth bound.
         dev_b = max(dev_1, _expert_gflops(dev, dev_fmt, max(batch, 512), repeats))
         what += f" + {torch.cuda.get_device_name(dev)}"
-    disk, disk_where = _disk_bandwidth(model_dir, read_bytes)
+    disk, disk_where = _disk_bandwidth(model_dir, read_bytes, tmp_dir)
     return HardwareProfile(
         name=f"measured-{socket.gethostname()}", device=dev.type, device_memory=int(device_memory),
         host_memory=int(psutil.virtual_memory().total), h2d_bandwidth=int(h2d), disk_bandwidth=int(disk),
@@ -306,24 +306,26 @@ def _expert_gflops(device, fmt, n: int, repeats: int) -> float:
     return 6 * H * I * n / seconds / 1e9
 
 
-def _disk_bandwidth(model_dir, read_bytes: int) -> tuple[float, str]:
+def _disk_bandwidth(model_dir, read_bytes: int, tmp_dir=None) -> tuple[float, str]:
     """Reads after asking the kernel to drop the files' cached pages, so the figure is the
     drive's and not the page cache's (pages a running process has mapped stay cached: measure before
-    loading the model). Without a model, a temp file in the current directory."""
+    loading the model). Without a model, a temp file of `read_bytes` in `tmp_dir` (default: the
+    system's temp directory), removed afterwards, also on Ctrl-C or an error."""
     files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir is not None else []
     tmp = None
-    if not files:
-        tmp = tempfile.NamedTemporaryFile(dir=".", prefix=".offload-disk-", delete=False)
-        block = os.urandom(MiB)  # incompressible, so a compressing filesystem cannot flatter the figure
-        with tmp:
-            for _ in range(max(1, read_bytes // MiB)):
-                tmp.write(block)
-            tmp.flush()
-            os.fsync(tmp.fileno())  # dirty pages cannot be dropped: write them out first
-        files = [Path(tmp.name)]
     from .cache.store import IO_THREADS, drop_from_page_cache, read_bandwidth  # here: this module stays torch-free
 
     try:
+        if not files:
+            where = Path(tmp_dir) if tmp_dir is not None else Path(tempfile.gettempdir())
+            tmp = tempfile.NamedTemporaryFile(dir=where, prefix=".offload-disk-", delete=False)
+            block = os.urandom(MiB)  # incompressible, so a compressing filesystem cannot flatter the figure
+            with tmp:
+                for _ in range(max(1, read_bytes // MiB)):
+                    tmp.write(block)
+                tmp.flush()
+                os.fsync(tmp.fileno())  # dirty pages cannot be dropped: write them out first
+            files = [Path(tmp.name)]
         rates = []
         for _ in range(3):  # a shared or virtual drive varies from read to read: the median of three
             drop_from_page_cache(files)
@@ -333,8 +335,8 @@ def _disk_bandwidth(model_dir, read_bytes: int) -> tuple[float, str]:
         done = min(read_bytes, sum(f.stat().st_size for f in files))
     finally:
         if tmp is not None:
-            os.unlink(tmp.name)
-    where = "a temp file here" if tmp is not None else str(model_dir)
+            Path(tmp.name).unlink(missing_ok=True)
+    where = f"a temp file in {Path(tmp.name).parent}" if tmp is not None else str(model_dir)
     return rate, f"{done / MiB:.0f} MiB of {where}, median of 3, {IO_THREADS} readers at once"
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
 
 
 @dataclass
@@ -60,11 +61,44 @@ class ExpertCounters:
         return {**asdict(self), "hit_rate": self.hit_rate}
 
 
+class Event(NamedTuple):
+    """One span of a recorded step. kind: "layer" (a MoE layer's whole expert step, main thread),
+    "compute" (an expert on the compute device, main thread),
+    "stall" (the main thread waiting for a read, copy or CPU expert), "read" (disk -> RAM, on an I/O
+    thread or the CPU worker), "fetch" (host -> device copy, I/O thread), "cpu" (a missed expert
+    computed on the CPU worker). Times are time.perf_counter() seconds; on a GPU they are the host's
+    view (kernels and copies are queued, so "compute" and "fetch" are mostly their launch)."""
+
+    layer: int  # decoder layer index
+    kind: str
+    start: float
+    end: float
+    expert: int = -1
+
+
+@dataclass
+class Timeline:
+    """The expert work of one decode step (opt-in: `OffloadedExperts.record_timeline(True)`).
+    Threads append to `events` while the step runs; `as_dict` gives times from the step's start."""
+
+    start: float  # perf_counter() when the step's forward began
+    tokens: int  # rows in the step (one new token each)
+    events: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        events = sorted(list(self.events), key=lambda e: (e.start, e.layer))  # a copy: threads may append
+        return {"step": "decode", "tokens": self.tokens,
+                "events": [{"layer": e.layer, "kind": e.kind, "expert": e.expert,
+                            "start": round(e.start - self.start, 7), "end": round(e.end - self.start, 7)}
+                           for e in events]}
+
+
 class ExpertStats:
-    """Per-layer expert counters, and their total."""
+    """Per-layer expert counters, and their total (and, when recorded, the last decode step's timeline)."""
 
     def __init__(self, layers):
         self.layers = {layer: ExpertCounters() for layer in layers}
+        self.timeline: Timeline | None = None  # set by the offloaded engine while it records
 
     def __getitem__(self, layer: int) -> ExpertCounters:
         return self.layers[layer]
@@ -118,6 +152,7 @@ class RuntimeStats:
         return self.last.time_to_first_token if self.last else 0.0
 
     def as_dict(self) -> dict:
+        timeline = self.experts.timeline
         return {
             "expert_format": self.expert_format,
             "quantized": self.expert_format.startswith("int"),
@@ -130,6 +165,8 @@ class RuntimeStats:
             **self.experts.total().as_dict(),
             "layers": self.experts.as_dict()["layers"],
             "last": self.last.as_dict() if self.last else None,
+            # only when recorded: the last decode step's expert work, for `offload plot`
+            **({"timeline": timeline.as_dict()} if timeline is not None else {}),
         }
 
     def to_json(self) -> str:

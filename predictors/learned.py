@@ -7,10 +7,12 @@ pickle) and loaded automatically when present.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from offload.checkpoint import PREDICTOR_FILE as FILENAME  # the checkpoint skips it as a weight shard
 from offload.errors import OffloadError
@@ -45,16 +47,19 @@ class LearnedPredictor(Predictor):
 
     @classmethod
     def train(cls, trace, lookahead: int = 1, epochs: int = 30, lr: float = 1e-2, seed: int = 0,
-              weight_decay: float = 1e-4) -> "LearnedPredictor":
+              weight_decay: float = 1e-4, progress: bool = False) -> "LearnedPredictor":
+        """Fit one map per (MoE layer, distance). `progress` draws a bar of the maps fitted on stderr,
+        when it is a terminal."""
         if trace.hidden is None:
             raise OffloadError("this trace has no hidden states; record it with `offload trace ... --hidden`")
         gen = torch.Generator().manual_seed(seed)
         weights = {}
         hidden = torch.from_numpy(trace.hidden.astype(np.float32))  # [T, L, H]
-        for pos in range(trace.num_layers):
-            for d in range(1, lookahead + 1):
-                if pos + d >= trace.num_layers:
-                    continue
+        maps = [(pos, d) for pos in range(trace.num_layers) for d in range(1, lookahead + 1)
+                if pos + d < trace.num_layers]
+        with tqdm(maps, desc="training the predictor", unit="layer", file=sys.stderr, leave=False,
+                  disable=None if progress else True) as bar:
+            for pos, d in bar:
                 x = hidden[:, pos]  # [T, H]
                 y = torch.zeros(trace.num_tokens, trace.num_experts)
                 y.scatter_(1, torch.from_numpy(trace.topk_ids[:, pos + d]), 1.0)  # multi-hot [T, E]

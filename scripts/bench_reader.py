@@ -31,24 +31,23 @@ def main():
     args = parser.parse_args()
     ckpt = Checkpoint(make_synthetic_mixtral(args.dir))
     cfg, files = ckpt.config, ckpt.shard_files()
+    if ckpt.expert_format.quantized:
+        raise SystemExit(f"{args.dir} holds {ckpt.expert_format.name} experts, already one extent each: "
+                         "nothing to compare; point --dir at an unquantized checkpoint")
     reader = ExpertReader(ckpt.expert_extents, files)
-    pool = SlotPool(1, cfg.hidden_size, cfg.moe_intermediate_size, torch.device("cpu"), cfg.torch_dtype)
+    pool = SlotPool(1, ckpt.expert_format, torch.device("cpu"))
     keys = [(layer, e) for layer in range(0, cfg.num_layers, 2) for e in (1, 5, 6)]
-    width = cfg.moe_intermediate_size
     packed = np.empty(pool.nbytes, dtype=np.uint8)
 
     def three(layer, e):
-        gate, up, down = ckpt.expert_extents(layer, e)
-        gate_up, down_dst = pool[0]
-        reader._read(gate, gate_up[:width])
-        reader._read(up, gate_up[width:])
-        reader._read(down, down_dst)
+        for extent, dst in zip(ckpt.expert_extents(layer, e), pool.targets(0)):  # gate, up, down
+            reader._read(extent, dst)
 
     def contiguous(layer, e):
         extents = ckpt.expert_extents(layer, e)
         os.preadv(reader.fds[extents[0].file], [packed], min(x.offset for x in extents))
 
-    ways = {"three preads": three, "runtime reader (one preadv)": lambda l, e: reader.read(l, e, *pool[0]),
+    ways = {"three preads": three, "runtime reader (one preadv)": lambda l, e: reader.read(l, e, pool.targets(0)),
             "packed copy (one pread)": contiguous}
     times = {name: [] for name in ways}
     for _ in range(args.repeats):

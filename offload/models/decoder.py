@@ -14,19 +14,9 @@ from torch import nn
 from ..config import ModelConfig
 from ..experts import ACT, ExpertExecutor
 from ..kv_cache import KVCache
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+from .mla import LatentAttention, latent_rope_tables
+from .norm import RMSNorm
+from .routing import Router
 
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +80,13 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """gate/up/down MLP: the dense layers of Qwen models and Qwen2-MoE's shared expert."""
+    """gate/up/down MLP: dense layers, Qwen2-MoE's shared expert, DeepSeek's shared experts."""
 
-    def __init__(self, hidden: int, width: int, act: str):
+    def __init__(self, hidden: int, width: int, act: str, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, width, bias=bias)
+        self.up_proj = nn.Linear(hidden, width, bias=bias)
+        self.down_proj = nn.Linear(width, hidden, bias=bias)
         self.act = ACT[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,22 +97,20 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
+        self.gate = Router(cfg)  # the family's routing rule (offload/models/routing.py)
         if cfg.family.shared_expert:
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        # DeepSeek: resident shared experts, added to every token without a gate.
+        self.shared = cfg.family.shared_experts and cfg.shared_expert_intermediate_size > 0
+        if self.shared:
+            self.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act,
+                                           cfg.mlp_bias)
         self.executor: ExpertExecutor | None = None  # set by the runtime after loading
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, H] -> (weights [N, K], ids [N, K], probs [N, E] float32)."""
-        logits = self.gate(h)  # [N, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.cfg.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.cfg.family.float_weights:
-            weights = weights.to(logits.dtype)
-        return weights, ids, probs
+        return self.gate(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, hdim = x.shape
@@ -131,17 +119,19 @@ class MoEBlock(nn.Module):
         out = self.executor(self.layer, h, ids, weights, probs)  # [N, H]
         if self.cfg.family.shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        if self.shared:
+            out = out + self.shared_experts(h)
         return out.view(b, t, hdim)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.family.attention == "mla" else Attention(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         ffn = MoEBlock(cfg, layer) if cfg.sparse_layers[layer] else DenseMLP(
-            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
         # The attribute name is the checkpoint's ("block_sparse_moe" in Mixtral); dense layers are "mlp".
         self.ffn_name = cfg.family.moe_prefix if cfg.sparse_layers[layer] else "mlp"
         self.add_module(self.ffn_name, ffn)
@@ -187,7 +177,8 @@ class MoECausalLM(nn.Module):
         if self.token_listener is not None:
             self.token_listener(input_ids)
         x = self.model.embed_tokens(input_ids)  # [B, T, H]
-        cos, sin = rope_tables(self.cfg, positions, x.dtype)
+        tables = latent_rope_tables if self.cfg.family.attention == "mla" else rope_tables
+        cos, sin = tables(self.cfg, positions, x.dtype)
         cache.reserve(valid)
         masks = {w: attention_mask(cache, input_ids.shape[1], w) for w in set(self.cfg.sliding_windows)}
         for layer, block in enumerate(self.model.layers):

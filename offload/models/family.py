@@ -28,6 +28,16 @@ class Family:
     # casting back to the activation dtype (Qwen, OLMoE). Both as transformers does.
     float_weights: bool
     shared_expert: bool = False  # Qwen2-MoE: sigmoid-gated shared expert
+    # DeepSeek: `shared_experts`, one MLP of n_shared_experts x the expert width, added to every
+    # token with no gate (a resident weight, never a routed expert).
+    shared_experts: bool = False
+    # How the router turns logits into (weights, experts), offload/models/routing.py: "softmax" (above),
+    # "deepseek_v2" (fp32 softmax, greedy or group-limited top-k, routed_scaling_factor) or
+    # "deepseek_v3" (fp32 sigmoid, e_score_correction_bias and top-2-per-group limits for the choice only).
+    router: Literal["softmax", "deepseek_v2", "deepseek_v3"] = "softmax"
+    # "gqa": q/k/v projections and RoPE over head_dim; "mla": DeepSeek's multi-head latent attention
+    # (offload/models/mla.py), whose KV cache holds one compressed latent per token.
+    attention: Literal["gqa", "mla"] = "gqa"
     # Reads the family's own config.json keys into ModelConfig keyword arguments.
     parse: Callable[[dict], dict] | None = None
     # Alternative prefixes under which a checkpoint may store the MoE block

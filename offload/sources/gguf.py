@@ -435,11 +435,10 @@ class Plan:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Our model's parameter shapes for this config, built on `meta` (nothing allocated)."""
-        from accelerate import init_empty_weights
 
         from ..models.decoder import MoECausalLM
 
-        with init_empty_weights():
+        with torch.device("meta"):
             model = MoECausalLM(self.model_config)
         return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
