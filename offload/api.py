@@ -46,6 +46,13 @@ def _bar(total: int, desc: str, unit: str = "B", show: bool = True):
                 **scale)
 
 
+def _tensor_bytes(shard: Path) -> int:
+    """A safetensors file's tensor data: its size less the 8-byte length and the JSON header."""
+    with open(shard, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return max(0, shard.stat().st_size - 8 - header)
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -146,7 +153,7 @@ class Runtime:
         """Bytes read at load: the resident weights, and the experts too when they stay resident.
         Drawn only for a checkpoint over PROGRESS_BYTES, on a terminal."""
         ckpt = self.checkpoint
-        size = sum(f.stat().st_size for f in ckpt.shard_files())
+        size = sum(_tensor_bytes(f) for f in ckpt.shard_files())
         if size <= PROGRESS_BYTES:
             return _bar(0, "", show=False)
         experts = sum(e.nbytes for layer in self.config.moe_layers for x in range(self.config.num_experts)
@@ -175,7 +182,10 @@ class Runtime:
             if not value.is_floating_point():
                 raise OffloadError(f"{source} holds {str(value.dtype)[6:]} values, not floating point weights; "
                                    "the checkpoint is damaged or not a model this runtime reads")
-            set_module_tensor_to_device(model, name, self.device, value=value, dtype=self.dtype)
+            # DeepSeek-V3's selection bias stays float32, as transformers keeps it: in bf16 it would pick
+            # other experts (the router computes in float32 anyway).
+            keep = torch.float32 if name.endswith("e_score_correction_bias") else self.dtype
+            set_module_tensor_to_device(model, name, self.device, value=value, dtype=keep)
             if bar is not None and source not in read:  # a tied LM head reads the embedding again
                 bar.update(value.numel() * value.element_size())
                 read.add(source)
