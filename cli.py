@@ -335,7 +335,8 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
 @click.option("--profile", "profile_name", default="colab-t4", show_default=True,
               help="Hardware profile name or TOML path.")
 @click.option("--shape", default="mixtral-8x7b", show_default=True,
-              help="Model sizes: mixtral-8x7b, qwen1.5-moe-a2.7b, qwen3-30b-a3b, a config.json, a model "
+              help="Model sizes: a shipped shape (offload/shapes/: mixtral-8x7b, qwen3-30b-a3b, deepseek-v2-lite, ...), "
+                   "a config.json, a model "
                    "directory, or a hub id (only its config.json is downloaded).")
 @click.option("--policy", default="lru", show_default=True, help="Cache policy: lru, lfu or score.")
 @click.option("--predictor", default="none", show_default=True, help="none, gate, learned or affinity.")
