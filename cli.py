@@ -316,6 +316,14 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     recorded = load_trace(trace_dir)
     fit, test = recorded.split(train_fraction)
     vocab = int(recorded.token_ids.max()) + 1
+    click.echo(f"fitted on {fit.num_tokens} tokens, scored on {test.num_tokens} (a {train_fraction:g} split by "
+               "tokens)" + ("" if recorded.header.get("has_token_ids", True) else
+                            "; no token ids in this trace: affinity's token prior is one frequency prior"))
+    if slots_per_layer is not None and not recorded.top_k <= slots_per_layer <= recorded.num_experts:
+        raise OffloadError(f"--slots-per-layer {slots_per_layer} must be between top_k ({recorded.top_k}) and the "
+                           f"number of experts ({recorded.num_experts})")
+    if epochs < 1:
+        raise OffloadError(f"--epochs {epochs} must be at least 1")
     predictors = {}
     if model is not None and test.hidden is not None:
         predictors["gate"] = GatePredictor(routers_from_checkpoint(offload.checkpoint.resolve_model_path(model)))
@@ -324,8 +332,8 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     predictors["affinity"] = AffinityPredictor(recorded.num_layers, recorded.num_experts, vocab).fit(fit)
     missing = [n for n in ("gate", "learned") if n not in predictors]
     if missing:
-        click.echo(f"(not scored: {', '.join(missing)}; they need a trace recorded with --hidden"
-                   f"{' and --model' if 'gate' in missing else ''})", err=True)
+        click.echo(f"{', '.join(missing)}: n/a (they need a trace recorded with --hidden"
+                   f"{' and --model' if 'gate' in missing else ''})")
     report(test, predictors, slots_per_layer or max(recorded.top_k, recorded.num_experts // 2), echo=click.echo)
 
 
@@ -532,6 +540,27 @@ def plot(trace_dir, stats_file, out, force):
     fig, panels = figure(trace, stats)
     save_png(fig, out, force=force)
     click.echo(f"wrote {out}: {', '.join(panels)}")
+
+
+@main.command("import-trace")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New directory for the trace.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True,
+              help="jsonl: one JSON object per token and MoE layer (see predictors/importer.py).")
+@click.option("--num-experts", type=click.IntRange(min=1), default=None,
+              help="Experts per layer, when the rows carry no full router distribution (default: the "
+                   "largest expert id + 1).")
+def import_trace(file, out, fmt, num_experts):
+    """Turn a routing log from another tool into an offload-trace/1 directory, for eval-predictor,
+    train-predictor and simulate."""
+    from offload.predictors.importer import import_trace as run
+
+    trace = run(file, out, num_experts)
+    missing = [name for name, flag in (("token ids", "has_token_ids"), ("router probabilities", "has_router_probs"))
+               if not trace.header[flag]]
+    click.echo(f"wrote {out}: {trace.num_tokens} tokens, {trace.num_layers} MoE layers, top-{trace.top_k} of "
+               f"{trace.num_experts} experts, {len(trace.sequence_starts)} sequence(s)"
+               + (f"; without {' and '.join(missing)}" if missing else ""))
 
 
 if __name__ == "__main__":

@@ -59,20 +59,29 @@ class Trace:
         return [slice(s, e) for s, e in zip(self.sequence_starts.tolist(), ends)]
 
     def split(self, fraction: float) -> tuple["Trace", "Trace"]:
-        """(first part, rest) at a sequence boundary, for training on one and scoring on the other."""
-        seqs = self.sequences()
-        cut = max(1, min(len(seqs) - 1, round(len(seqs) * fraction)))
-        at = seqs[cut].start
+        """(first `fraction` of the tokens, the rest), for fitting on one and scoring on the other.
+        By tokens, not sequences: a trace of one long sequence (a server's routing log) splits too;
+        a sequence cut in two continues as a new one."""
+        if not 0 < fraction < 1:
+            raise OffloadError(f"the fitting fraction {fraction} must be between 0 and 1 (exclusive)")
+        if self.num_tokens < 2:
+            raise OffloadError(f"this trace has {self.num_tokens} token(s): fitting and scoring need at least 2")
+        at = min(self.num_tokens - 1, max(1, round(self.num_tokens * fraction)))
         return self._slice(0, at), self._slice(at, self.num_tokens)
 
     def _slice(self, a: int, b: int) -> "Trace":
-        starts = self.sequence_starts[(self.sequence_starts >= a) & (self.sequence_starts < b)] - a
+        inside = self.sequence_starts[(self.sequence_starts >= a) & (self.sequence_starts < b)] - a
+        starts = np.union1d(np.zeros(1, dtype=np.int64), inside)  # a cut sequence starts anew at 0
         pick = lambda x: None if x is None else x[a:b]  # noqa: E731
         return Trace(self.token_ids[a:b], self.topk_ids[a:b], self.topk_probs[a:b], self.router_probs[a:b],
                      starts, pick(self.hidden), dict(self.header))
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace. Only `topk_ids` is required: without `token_ids` every token counts as id -1
+    (token-id priors become one frequency prior), without `topk_probs` the k choices weigh the
+    same, and without `router_probs` the top-k probabilities stand for the full softmax (zeros
+    elsewhere; the score policy then sees only the chosen experts). The header says which."""
     from safetensors.numpy import load_file
 
     path = Path(path)
@@ -80,13 +89,49 @@ def load_trace(path: str | os.PathLike) -> Trace:
     if not header_path.exists() or not data_path.exists():
         raise OffloadError(f"{path} is not a trace directory (it needs header.json and trace.safetensors); "
                            "record one with `offload trace MODEL --prompts FILE --out DIR`")
-    header = json.loads(header_path.read_text())
-    if header.get("format") != FORMAT:
-        raise OffloadError(f"{path}: trace format {header.get('format')!r}, expected {FORMAT!r}")
-    t = load_file(str(data_path))
-    return Trace(t["token_ids"].astype(np.int64), t["topk_ids"].astype(np.int64), t["topk_probs"],
-                 t["router_probs"].astype(np.float32), t["sequence_starts"].astype(np.int64), t.get("hidden"),
-                 header)
+    try:
+        header = json.loads(header_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OffloadError(f"{header_path} is not UTF-8 JSON ({exc}); record or import the trace again") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise OffloadError(f"{path}: trace format {found!r}, expected {FORMAT!r}")
+    try:
+        t = load_file(str(data_path))
+    except Exception as exc:  # safetensors' own errors: truncated, bad header, ...
+        raise OffloadError(f"{data_path} is damaged ({exc}); record or import the trace again") from None
+    return _complete(t, header, path)
+
+
+def _complete(t: dict, header: dict, path) -> Trace:
+    """Check a loaded trace's tensors against each other and fill in the optional ones."""
+    ids = t.get("topk_ids")
+    if ids is None or ids.ndim != 3 or 0 in ids.shape:
+        raise OffloadError(f"{path}: topk_ids [tokens, layers, top_k] is missing or empty")
+    n, layers, k = ids.shape
+    experts = int(header.get("num_experts") or (ids.max() + 1))
+    if ids.min() < 0 or ids.max() >= experts:
+        raise OffloadError(f"{path}: expert ids {int(ids.min())}..{int(ids.max())} fall outside 0..{experts - 1} "
+                           "(header num_experts); the trace is damaged or from another model")
+    expect = {"token_ids": (n,), "topk_probs": (n, layers, k), "router_probs": (n, layers, experts)}
+    for name, shape in expect.items():
+        if name in t and t[name].shape != shape:
+            raise OffloadError(f"{path}: {name} has shape {t[name].shape}, expected {shape}")
+    if "hidden" in t and t["hidden"].shape[:2] != (n, layers):
+        raise OffloadError(f"{path}: hidden has shape {t['hidden'].shape}, expected ({n}, {layers}, H)")
+    ids = ids.astype(np.int64)
+    tokens = t["token_ids"].astype(np.int64) if "token_ids" in t else np.full(n, -1, dtype=np.int64)
+    topk = t["topk_probs"].astype(np.float32) if "topk_probs" in t else np.full((n, layers, k), 1 / k, np.float32)
+    if "router_probs" in t:
+        router = t["router_probs"].astype(np.float32)
+    else:
+        router = np.zeros((n, layers, experts), dtype=np.float32)
+        np.put_along_axis(router, ids, topk, axis=2)
+    starts = t.get("sequence_starts", np.zeros(1, dtype=np.int64)).astype(np.int64)
+    if starts.ndim != 1 or len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n:
+        raise OffloadError(f"{path}: sequence_starts must rise from 0 and stay below {n} tokens")
+    header = {**header, "has_token_ids": "token_ids" in t, "has_router_probs": "router_probs" in t}
+    return Trace(tokens, ids, topk, router, starts, t.get("hidden"), header)
 
 
 def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
@@ -105,6 +150,10 @@ def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
     }
     if trace.hidden is not None:
         tensors["hidden"] = trace.hidden.astype(np.float16)
+    # A trace imported without token ids or router probabilities keeps them out (load_trace fills in).
+    for name, flag in (("token_ids", "has_token_ids"), ("router_probs", "has_router_probs")):
+        if trace.header.get(flag) is False or header.get(flag) is False:
+            del tensors[name]
     full = {
         "format": FORMAT, "num_tokens": trace.num_tokens, "num_layers": trace.num_layers,
         "num_experts": trace.num_experts, "top_k": trace.top_k, "num_sequences": len(trace.sequence_starts),
