@@ -268,9 +268,16 @@ def trace(model, prompts, out, hidden, device):
     """Record which experts MODEL routes every token of PROMPTS to (offload-trace/1)."""
     from offload.predictors.trace import save_trace
 
-    lines = [line.rstrip("\n") for line in open(prompts, encoding="utf-8") if line.strip()]
+    try:
+        lines = [line.rstrip("\n") for line in open(prompts, encoding="utf-8") if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise OffloadError(f"{prompts} is not UTF-8 text ({exc}); convert it, e.g. with iconv -t utf-8") from None
     if not lines:
         raise OffloadError(f"{prompts} has no non-empty line")
+    target = os.path.realpath(out)  # through a symlink: the trace goes where it points, not beside the link
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise OffloadError(f"{out} already exists and is not an empty directory; choose another --out")
+    out = target
     with offload.load(model, device=device, predictor="none") as llm:
         recorded = llm.trace(lines, hidden=hidden, progress=True)
         save_trace(recorded, out, {"model": str(llm.path), "architecture": llm.config.family.architecture,
@@ -292,6 +299,9 @@ def train_predictor(model, trace_dir, lookahead, epochs, out):
     from offload.predictors.trace import load_trace
 
     recorded = load_trace(trace_dir)
+    if epochs < 1 or not 1 <= lookahead < recorded.num_layers:
+        raise OffloadError(f"--epochs {epochs} must be at least 1 and --lookahead {lookahead} between 1 and the "
+                           f"trace's MoE layers less one ({recorded.num_layers - 1})")
     predictor = LearnedPredictor.train(recorded, lookahead=lookahead, epochs=epochs, progress=True)
     path = predictor.save(out or resolve_model_path(model) / FILENAME)
     click.echo(f"saved {path}")
@@ -443,12 +453,15 @@ def profile(model, device, out, tmp_dir):
     """Measure this machine (copy, disk and expert-matmul speeds at MODEL's shapes) into a hardware profile."""
     import tempfile
 
-    from offload.profile import measure, save_profile
+    from offload.profile import in_memory_fs, measure, save_profile
 
     if model is None:
         where = tmp_dir or tempfile.gettempdir()
         click.echo(f"No MODEL: the disk is measured on a 512 MiB temporary file in {where} (removed afterwards; "
                    "--tmp-dir DIR measures another drive).", err=True)
+        if in_memory_fs(where):
+            click.echo(f"warning: {where} is in RAM (tmpfs): the disk figure will be memory's; pass --tmp-dir "
+                       "on the drive your models live on", err=True)
     measured = measure(model, device=device, tmp_dir=tmp_dir)
     for field, value in vars(measured).items():
         click.echo(f"{field:20} {value}")

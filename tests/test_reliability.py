@@ -222,3 +222,20 @@ def test_chat_messages_must_hold_text():
     for messages in ([{"role": "user", "content": None}], [{"role": "user"}], "hello", [["user", "hi"]]):
         with pytest.raises(OffloadError, match="messages must be a list"):
             llm.chat(messages, max_new_tokens=2)
+
+
+def test_trace_and_train_predictor_refuse_bad_input(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    assert_clean(cli(["trace", "offload/demo_model", "--prompts", str(tmp_path / "latin1.txt"), "--out",
+                      str(tmp_path / "t")]), "not UTF-8")
+    (tmp_path / "p.txt").write_text("ROMEO: hello\n")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    result = cli(["trace", "offload/demo_model", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "link")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "real" / "header.json").exists() and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "link", "p.txt", "real"]  # no temp left
+    for args, message in ((["--epochs", "0"], "--epochs 0"), (["--lookahead", "0"], "--lookahead 0"),
+                          (["--lookahead", "9"], "--lookahead 9")):
+        assert_clean(cli(["train-predictor", "offload/demo_model", "--trace", "tests/data/demo_trace", *args,
+                          "--out", str(tmp_path / "pred.safetensors")]), message)
