@@ -196,17 +196,25 @@ def schedstat_delta(before: dict, after: dict) -> tuple[int, int]:
     return cpu, wait
 
 
+def major_faults() -> int:
+    """Page faults of this process that had to read a file (all threads): under a tight memory limit,
+    the interpreter's and torch's own code paged back in, which read_bytes counts too."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
 class Probe:
     """Storage reads and scheduler figures of this process over one timed stretch."""
 
     def __init__(self):
-        self.read0, self.sched0, self.t0 = process_read_bytes(), thread_schedstats(), time.perf_counter()
+        self.read0, self.faults0 = process_read_bytes(), major_faults()
+        self.sched0, self.t0 = thread_schedstats(), time.perf_counter()
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t0
         cpu, wait = schedstat_delta(self.sched0, thread_schedstats())
         return dict(process_read_bytes=process_read_bytes() - self.read0, wall_seconds=wall,
-                    on_cpu_seconds=cpu / 1e9, runqueue_wait_seconds=wait / 1e9)
+                    on_cpu_seconds=cpu / 1e9, runqueue_wait_seconds=wait / 1e9,
+                    major_faults=major_faults() - self.faults0)
 
 
 # ---- one case, in a child process --------------------------------------------
@@ -552,6 +560,13 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
     echo("")
     echo(f"bandwidth: page-cache copy {warm_bw / 1e9:.2f} GB/s"
          + (f"; cold disk read {cold_bw / 1e9:.2f} GB/s" if cold_bw else ""))
+    report_bounds(results, warm_bw, cold_bw, echo)
+    return results
+
+
+def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | None, echo=print) -> None:
+    """Per offloaded case, the bound it chases: bytes moved per token at the link's bandwidth beside the
+    resident run's compute; a case measured above it gets a note saying why that can happen."""
     resident = {r.format: r for r in results if r.name == "a: resident"}
     for r in results:
         base = resident.get(r.format)
@@ -561,11 +576,19 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
         moved = r.bytes_from_disk_per_token
         floor = moved / bw if bw else 0.0
         compute = 1 / base.tokens_per_second
+        bound = 1 / max(floor, compute)
         echo(f"bound for {r.name} [{r.format}]: {moved / 1e6:.1f} MB/token at the {what} bandwidth = "
              f"{floor * 1000:.1f} ms of I/O per token + {compute * 1000:.1f} ms of compute -> "
-             f"{1 / (floor + compute):.2f} tok/s without overlap, {1 / max(floor, compute):.2f} with perfect "
+             f"{1 / (floor + compute):.2f} tok/s without overlap, {bound:.2f} with perfect "
              f"overlap; measured {r.tokens_per_second:.2f}")
-    return results
+        if r.tokens_per_second > bound:
+            cached = r.process_read_bytes_per_token < 0.5 * moved
+            echo(f"  note: measured above the bound ({r.tokens_per_second / bound:.2f}x): "
+                 + ("the process read far fewer bytes from storage than the engine counted (MB read/tok), so "
+                    "the reads came from the page cache, faster than the disk figure assumed"
+                    if r.name.startswith("c") and cached else
+                    "the bound's compute time is the resident run's and its bandwidth one probe's; a slow "
+                    "resident run or a noisy probe (a busy machine) puts it too low"))
 
 
 def read_over_counted(r: CaseResult) -> float | None:
@@ -581,7 +604,7 @@ def report(results: list[CaseResult], echo=print) -> None:
     echo("")
     echo(f"{'case':{width}} {'format':>8} {'tok/s':>7} {'x a':>5} {'x ' + reference:>9} {'TTFT s':>7} {'hit':>4} "
          f"{'MB disk/tok':>11} {'MB read/tok':>11} {'read/disk':>9} {'runq wait':>9} {'on-CPU':>6} {'io':>3} "
-         f"{'drop':>4} {'peak RSS':>10} {'-baseline':>10}")
+         f"{'drop':>4} {'peak RSS':>10} {'RSS added':>10}")
     for r, (own, ref) in zip(results, ratios(results)):
         echo(f"{r.name:{width}} {r.format:>8} {r.tokens_per_second:7.2f} {show(own):>5} {show(ref):>9} "
              f"{r.time_to_first_token:7.2f} {r.hit_rate:4.0%} {r.bytes_from_disk_per_token / 1e6:11.1f} "
@@ -593,8 +616,15 @@ def report(results: list[CaseResult], echo=print) -> None:
          "MB disk/tok: expert bytes the engine counted as read; MB read/tok: what the process read from storage "
          "(/proc/self/io read_bytes, readahead included). runq wait: time all threads waited for a core, on-CPU: "
          "time they ran, both summed over threads over wall time. io: the I/O pool; drop: expert reads drop their "
-         "pages from the page cache. Peak RSS - baseline: what loading and running added over the bare "
-         "interpreter with torch.)")
+         "pages from the page cache. RSS added: peak RSS less the baseline, what loading and running added over "
+         "the bare interpreter with torch.)")
+    base = {r.format: r.tokens_per_second for r in results if r.name == "a: resident"}
+    for r in results:
+        resident = base.get(r.format)
+        if r.name != "a: resident" and resident and r.tokens_per_second > resident:
+            echo(f"note: {r.name} [{r.format}] ran faster than resident ({r.tokens_per_second:.2f} against "
+                 f"{resident:.2f} tok/s): it does the resident run's work plus the reads, so the runs varied (a "
+                 "busy machine, or a slowed resident run); take medians over more --repeats or --rounds")
 
 
 def _child_main(payload: str) -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import struct
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,9 +134,16 @@ class Checkpoint:
 
     def expert_extents(self, layer: int, expert: int):
         """Where one expert's bytes lie on disk, for direct reads: (gate, up, down) of a dense
-        checkpoint, or the one packed extent of a quantized one (row `expert` of `experts.packed`)."""
+        checkpoint, the one packed extent of a quantized one (row `expert` of `experts.packed`),
+        or GPT-OSS's pieces in the format's order (`read_targets`)."""
         gate_n, up_n, down_n = self.family.expert_names
         for prefix in self._moe_prefixes(layer):
+            fmt = self.expert_format
+            if self.family.expert_layout == "gpt_oss" and (fmt.apart or not fmt.quantized):  # not `offload quantize`d
+                found = self._gpt_oss_extents(prefix, expert)
+                if found is not None:
+                    return found
+                continue
             if self.expert_format.quantized:
                 name = f"{prefix}.{PACKED}"
                 if self.has(name):
@@ -154,6 +162,27 @@ class Checkpoint:
                 gate, up = self._extent(fused).row(expert).split_rows()
                 return gate, up, self._extent(down).row(expert)
         raise OffloadError(f"{self.path} has no weights for expert {expert} of layer {layer}")
+
+    def _gpt_oss_extents(self, prefix: str, expert: int):
+        """Row `expert` of GPT-OSS's stacked tensors: gate_up [H, 2I], down [I, H] and the two biases
+        as transformers saves them; or, as released, MXFP4 blocks [N, K/32, 16] (seen as the [N, K/2]
+        bytes they are) and scales [N, K/32] of gate_up (N = 2I) and down (N = H), then the biases."""
+        names = ("gate_up_proj", "down_proj") if not self.expert_format.quantized else (
+            "gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+        names = [f"{prefix}.experts.{n}" for n in (*names, "gate_up_proj_bias", "down_proj_bias")]
+        if not all(self.has(n) for n in names):
+            return None
+        rows = []
+        for name in names:
+            stacked = self._extent(name)
+            if not stacked.shape or stacked.shape[0] != self.config.num_experts:
+                raise OffloadError(f"{name} has shape {list(stacked.shape)}, not [num_local_experts="
+                                   f"{self.config.num_experts}, ...]; the checkpoint does not match its config.json")
+            row = stacked.row(expert)
+            if name.endswith("_blocks") and len(row.shape) == 3:
+                row = replace(row, shape=(row.shape[0], row.shape[1] * row.shape[2]))
+            rows.append(row)
+        return tuple(rows)
 
     def check_experts(self, fmt) -> None:
         """Every routed expert's extents against the slot they are read into (`fmt`, the runtime's

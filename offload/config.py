@@ -14,7 +14,7 @@ from .experts import ACT
 from .models.family import Family
 
 if TYPE_CHECKING:
-    from .models.deepseek_v2 import LatentAttentionShape
+    from .models.deepseek_v2 import LatentAttentionShape, LatentRope
 
 DTYPES = {
     "float32": torch.float32,
@@ -26,7 +26,7 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 MAX_DIM = 1 << 24  # no real model has a size (hidden, vocab, experts, context...) anywhere near 16.7M
-ROPE_TYPES = ("default", "linear")
+ROPE_TYPES = ("default", "linear", "yarn")
 
 
 def _dtype_name(value) -> str:
@@ -78,6 +78,12 @@ class ModelConfig:
     # Multi-head latent attention (DeepSeek). Then num_kv_heads and head_dim describe the KV cache
     # (1 and kv_lora_rank + qk_rope_head_dim: the latent and the rotated key per token), not q/k/v heads.
     mla: LatentAttentionShape | None = None
+    # YaRN RoPE of standard attention (frequencies, attention factor; decoder.rope_tables), None for
+    # default or linear RoPE (rope_theta and rope_scaling_factor say all).
+    rope: LatentRope | None = None
+    # GPT-OSS's clamped SwiGLU (offload/models/gpt_oss.py): the clamp and the sigmoid's gain.
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self):
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_heads <= 0:
@@ -149,7 +155,8 @@ class ModelConfig:
                 raise OffloadError("config.json has non-positive hidden_size, num_hidden_layers or "
                                    "num_attention_heads; the file is damaged or not a model's config")
             # Latent attention reads its own RoPE (YaRN included) in its family's parser.
-            rope_theta, rope_factor = (10000.0, 1.0) if family.attention == "mla" else _rope(raw)
+            rope_theta, rope_factor, rope = (10000.0, 1.0, None) if family.attention == "mla" else _rope(
+                raw, family.default_rope_theta)
             eos = raw.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             common = dict(
@@ -164,6 +171,7 @@ class ModelConfig:
                 max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
                 rope_theta=rope_theta,
                 rope_scaling_factor=rope_factor,
+                rope=rope,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 hidden_act=str(raw.get("hidden_act", "silu")),
                 dtype=_dtype_name(raw.get("dtype") or raw.get("torch_dtype")),
@@ -178,16 +186,25 @@ class ModelConfig:
         return cls(family=family, **common)
 
 
-def _rope(raw: dict) -> tuple[float, float]:
-    """(theta, linear factor) from transformers 5's `rope_parameters` or older `rope_theta`/`rope_scaling`."""
+def _rope(raw: dict, default_theta: float = 10000.0) -> tuple[float, float, LatentRope | None]:
+    """(theta, linear factor, YaRN or None) from transformers 5's `rope_parameters` or older
+    `rope_theta`/`rope_scaling`."""
     params = dict(raw.get("rope_parameters") or {})
     scaling = raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", raw.get("rope_theta", default_theta)))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind not in ROPE_TYPES:
         raise OffloadError(f"RoPE type {kind!r} is not supported yet; supported: {', '.join(ROPE_TYPES)}")
+    if kind == "yarn":
+        # transformers' YaRN parameters, read as for latent attention (one parser, one inv_freq: mla.py);
+        # the layout is the decoder's rotate-half. A softmax-scale factor (mscale_all_dim) applies to
+        # latent attention only.
+        from .models.deepseek_v2 import _rope as yarn_rope
+
+        rope, _ = yarn_rope({**raw, "rope_theta": theta}, "half")
+        return theta, 1.0, rope
     factor = float(params.get("factor", scaling.get("factor", 1.0))) if kind == "linear" else 1.0
-    return theta, factor
+    return theta, factor, None
 
 
 _MEMORY_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -34,7 +34,7 @@ from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
 from .errors import OffloadError
-from .experts import ACT, accumulate, contribution
+from .experts import ACT, accumulate, contribution, gating
 from .formats import ExpertFormat
 from .kernels import expert_kernel
 from .placement import Placement
@@ -64,9 +64,9 @@ class OffloadedExperts:
         # step, else None; every recording site checks `events is not None` and does nothing more.
         self.recording, self.events = False, None
         self.expert_bytes = placement.expert_bytes  # fmt.nbytes: what one fetch moves
-        act = ACT[cfg.hidden_act]
-        self.kernel = expert_kernel(fmt, device, act)
-        self.cpu_kernel = expert_kernel(fmt, torch.device("cpu"), act)  # CPU experts beside a GPU
+        act, glu = ACT[cfg.hidden_act], gating(cfg)
+        self.kernel = expert_kernel(fmt, device, act, glu)
+        self.cpu_kernel = expert_kernel(fmt, torch.device("cpu"), act, glu)  # CPU experts beside a GPU
         self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files(), drop_cache=drop_page_cache)
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-io")
         # The compute-side tier: GPU slots, or on a CPU the RAM cache itself.

@@ -27,6 +27,12 @@ ACT = {
 }
 
 
+def gating(cfg):
+    """The family's expert gating glu(gate, up) for this config (GPT-OSS's clamped SwiGLU), or None
+    for act(gate) * up: what offload/kernels.py's expert_kernel takes as `glu`."""
+    return None if cfg.family.glu is None else cfg.family.glu(cfg)
+
+
 class ExpertExecutor(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,7 +98,7 @@ class ResidentExperts:
                         progress.update(n)
         finally:
             reader.close()
-        return cls(pools, expert_kernel(fmt, device, ACT[cfg.hidden_act]), stats)
+        return cls(pools, expert_kernel(fmt, device, ACT[cfg.hidden_act], gating(cfg)), stats)
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:

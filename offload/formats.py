@@ -219,6 +219,12 @@ def parse_experts(value) -> tuple[str, int]:
 def stored_format(raw_config: dict, hidden: int, width: int, dtype: torch.dtype) -> ExpertFormat:
     """The format a model directory's experts are stored in, from its config.json."""
     block = raw_config.get(CONFIG_KEY)
+    if block is None and _gpt_oss(raw_config):
+        # As transformers saves GPT-OSS (gate_up [E, H, 2I], down [E, I, H], biases), or as OpenAI ships
+        # it: MXFP4 blocks and scales per piece (quantization_config.quant_method "mxfp4"), read as is.
+        if mxfp4_checkpoint(raw_config):
+            return ExpertFormat("mxfp4", hidden, width, dtype, bias=True, interleaved=True, apart=True)
+        return ExpertFormat("dense", hidden, width, dtype, bias=True, interleaved=True, transposed=True)
     if block is None:
         return ExpertFormat("dense", hidden, width, dtype)
     if not isinstance(block, dict) or block.get("method") != METHOD:
@@ -236,3 +242,18 @@ def stored_format(raw_config: dict, hidden: int, width: int, dtype: torch.dtype)
         raise OffloadError(f"config.json's {CONFIG_KEY} block has group_size, bias or interleaved of the wrong "
                            "type; quantize the model again")
     return ExpertFormat(kind, hidden, width, dtype, group if kind == "int4" else 0, bias, interleaved)
+
+
+def _gpt_oss(raw_config: dict) -> bool:
+    from .models import family_for
+
+    try:
+        return family_for(raw_config).expert_layout == "gpt_oss"
+    except OffloadError:
+        return False
+
+
+def mxfp4_checkpoint(raw_config: dict) -> bool:
+    """Whether config.json says the experts are MXFP4 as GPT-OSS ships them (read natively, not converted)."""
+    q = raw_config.get("quantization_config")
+    return isinstance(q, dict) and str(q.get("quant_method", "")).lower() == "mxfp4" and _gpt_oss(raw_config)

@@ -33,8 +33,12 @@ from .quant import INT4_BLOCK, pack_int4
 
 Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
 # From this many tokens per expert on, the CPU dequantizes and runs bf16/fp32 GEMMs: the weight-only
-# kernels win at batch 1 (3-5x) and lose at prefill sizes (scripts/bench_cpu_experts.py --formats).
-DEQUANT_TOKENS = 16
+# kernels win at batch 1 (2-3x over bf16) and lose at prefill sizes, from about 64 tokens for int8 and
+# 256 for int4, whose dequantization costs more (expert 1024 x 3584, 1 thread, medians of 7 in
+# scripts/bench_cpu_experts.py --formats: int8 weight-only / dequant 9.0 / 6.8 ms at 64 tokens,
+# 2.7 / 4.8 at 16; int4 12.9 / 84 at 64, 16.8 / 51 at 128, 51 / 37 at 256). A whole number applies
+# to every format (tests set 1 to force the dequantize path).
+DEQUANT_TOKENS: dict[str, int] | int = {"int8": 64, "int4": 256}
 
 
 def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable,
@@ -48,6 +52,11 @@ def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: C
 def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, 2I] -> gate, up [n, I]: halves, or GPT-OSS's alternating columns."""
     return (gate_up[..., ::2], gate_up[..., 1::2]) if interleaved else gate_up.chunk(2, dim=-1)
+
+
+def dequant_tokens(kind: str) -> int:
+    """Tokens per expert from which a `kind` expert is dequantized on the CPU (DEQUANT_TOKENS)."""
+    return DEQUANT_TOKENS if isinstance(DEQUANT_TOKENS, int) else DEQUANT_TOKENS[kind]
 
 
 def dequantize(fmt: ExpertFormat, packed: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +132,7 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
         return dequantized
 
     def weight_only(x, packed):
-        if x.shape[0] >= DEQUANT_TOKENS:
+        if x.shape[0] >= dequant_tokens(fmt.kind):
             return dequantized(x, packed)
         xb = x.to(torch.bfloat16)  # [n, H]: the kernels take bf16 activations
         b1, b2 = fmt.biases(packed, torch.bfloat16)
@@ -141,6 +150,6 @@ def kernel_name(fmt: ExpertFormat, device: torch.device) -> str:
         return f"{fmt.name} F.linear"
     if device.type == "cpu" and ((fmt.kind == "int8" and cpu_int8_kernel_available())
                                  or (fmt.kind == "int4" and cpu_int4_kernel_agrees())):
-        return (f"torch's {fmt.kind} weight-only kernel below {DEQUANT_TOKENS} tokens per expert, "
+        return (f"torch's {fmt.kind} weight-only kernel below {dequant_tokens(fmt.kind)} tokens per expert, "
                 f"dequantized GEMM above")
     return "dequantized to the compute dtype, then F.linear"

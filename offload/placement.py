@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import psutil
 import torch
 
@@ -191,7 +193,7 @@ def memory_available() -> int:
         else:
             continue
         try:
-            limit, used = (open(p).read().strip() for p in files)
+            limit, used = (Path(p).read_text().strip() for p in files)
         except OSError:
             continue
         if limit.isdigit() and used.isdigit():

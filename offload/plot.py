@@ -105,6 +105,10 @@ def _usage(fig, ax, trace) -> None:
     fig.colorbar(image, ax=ax, label="share of tokens", pad=0.01)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _layer_rows(stats: dict) -> tuple[list[str], list[dict]]:
     keys = sorted(stats["layers"], key=int)
     return keys, [stats["layers"][k] for k in keys]
@@ -118,13 +122,15 @@ def _hit_rate(ax, stats: dict) -> None:
     total = 100 * stats.get("hit_rate", 0.0)
     ax.axhline(total, color="black", linestyle="--", linewidth=1, label=f"all layers: {total:.1f}%")
     requests = sum(r.get("hits", 0) + r.get("misses", 0) for r in rows)
-    ax.set_title(f"expert cache hit rate per layer ({requests} expert requests, {stats.get('requests', 0)} "
-                 f"generations, {stats.get('new_tokens', 0)} new tokens)", fontsize=10)
-    ax.set_ylim(0, 105)
+    ax.set_title(f"expert cache hit rate per layer ({_count(requests, 'expert request')}, "
+                 f"{_count(stats.get('requests', 0), 'generation')}, {_count(stats.get('new_tokens', 0), 'new token')})",
+                 fontsize=10)
+    ax.set_ylim(0, 125)  # room above 100% for the legend
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("hit rate (%)")
     ax.set_xticks(x, keys)
     ax.set_xlabel("decoder layer")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _bytes(ax, stats: dict) -> None:
@@ -143,13 +149,13 @@ def _bytes(ax, stats: dict) -> None:
                  f"{stats.get('bytes_per_expert', 0):,} bytes per {stats.get('expert_format') or ''} expert)",
                  fontsize=10)
     ax.set_ylabel(unit)
+    ax.set_ylim(0, 1.3 * top / scale if top else 1)  # room above the bars for the legend
     ax.set_xticks(x, keys)
     ax.set_xlabel("decoder layer")
     ax.legend(loc="upper right", fontsize=8)
     if top == 0:
         ax.text(0.5, 0.5, "nothing moved: every expert was resident or cached", transform=ax.transAxes,
                 ha="center", va="center", fontsize=9, color="gray")
-        ax.set_ylim(0, 1)
 
 
 def _timeline(ax, timeline: dict) -> None:
@@ -175,7 +181,7 @@ def _timeline(ax, timeline: dict) -> None:
         seen.add(e["kind"])
     span = max((1000 * e["end"] for e in events), default=1.0)
     stall = sum(e["end"] - e["start"] for e in events if e["kind"] == "stall")
-    ax.set_title(f"timeline of the last decode step ({timeline.get('tokens', 1)} token(s), expert work only; "
+    ax.set_title(f"timeline of the last decode step ({_count(timeline.get('tokens', 1), 'token')}, expert work only; "
                  f"{len(events)} spans, stalls {1000 * stall:.2f} ms of {span:.2f} ms)", fontsize=10)
     ax.set_xlabel("ms since the step began (gaps: attention, routers and the rest of the model)")
     ax.set_ylabel("decoder layer")

@@ -336,8 +336,28 @@ def _disk_bandwidth(model_dir, read_bytes: int, tmp_dir=None) -> tuple[float, st
     finally:
         if tmp is not None:
             Path(tmp.name).unlink(missing_ok=True)
-    where = f"a temp file in {Path(tmp.name).parent}" if tmp is not None else str(model_dir)
+    if tmp is not None:
+        parent = Path(tmp.name).parent
+        where = f"a temp file in {parent}" + (" (in RAM: tmpfs, not a disk)" if in_memory_fs(parent) else "")
+    else:
+        where = str(model_dir)
     return rate, f"{done / MiB:.0f} MiB of {where}, median of 3, {IO_THREADS} readers at once"
+
+
+def in_memory_fs(path, mounts: str = "/proc/mounts") -> bool:
+    """Whether `path` is on a RAM filesystem (tmpfs, ramfs; /tmp is one on many systems), where a
+    "disk" read measures memory: the mount in /proc/mounts with the longest prefix of the path."""
+    path, best, kind = str(Path(path).resolve()), "", ""
+    try:
+        with open(mounts, encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and (path == fields[1] or path.startswith(fields[1].rstrip("/") + "/")) \
+                        and len(fields[1]) >= len(best):
+                    best, kind = fields[1], fields[2]
+    except OSError:
+        return False
+    return kind in ("tmpfs", "ramfs")
 
 
 def _cpu_name() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,13 +47,18 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
     src = model_directory(model)  # a GGUF, GPTQ, AWQ or FP8 source is converted first (and refused below)
     ckpt = Checkpoint(src)
     try:
+        if ckpt.expert_format.kind == "mxfp4":
+            raise OffloadError(f"{src} holds GPT-OSS's MXFP4 experts (4.25 bits per weight), which load as they "
+                               "are; int4 would be larger (4.5 bits with group 32) and lossier. Load it directly, "
+                               "or quantize a bf16 GPT-OSS checkpoint")
         if ckpt.expert_format.quantized:
             raise OffloadError(f"{src} already holds {ckpt.expert_format.name} experts; quantize the original "
                                "(unquantized) checkpoint instead")
         cfg = ckpt.config
-        fmt = ExpertFormat(kind, cfg.hidden_size, cfg.moe_intermediate_size, cfg.torch_dtype, group)
-        reading = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, torch.float32),
-                           torch.device("cpu"))
+        have = ckpt.expert_format  # GPT-OSS: transposed, interleaved, with biases (kept: bias, interleaved)
+        fmt = ExpertFormat(kind, cfg.hidden_size, cfg.moe_intermediate_size, cfg.torch_dtype, group,
+                           bias=have.bias, interleaved=have.interleaved)
+        reading = SlotPool(1, replace(have, dtype=torch.float32), torch.device("cpu"))
         names = [n for n in ckpt.weight_map if n.startswith(("model.", "lm_head."))]
         moe = set(cfg.moe_layers)
         with staged_directory(out) as tmp:
@@ -68,9 +74,12 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
                         packed = torch.empty((cfg.num_experts, fmt.nbytes), dtype=torch.uint8)  # [E, bytes]
                         for e in range(cfg.num_experts):
                             reader.read(layer, e, reading.targets(0))
-                            gate_up, down = reading[0]
+                            gate_up, down = have.dequantize(reading[0], torch.float32)  # [2I, H], [H, I]
+                            # The rows' halves as the slot holds them: gate then up, or GPT-OSS's
+                            # alternating rows (kept in that order; quantization is row by row).
                             packed[e] = fmt.quantize(gate_up[:cfg.moe_intermediate_size],
-                                                     gate_up[cfg.moe_intermediate_size:], down)
+                                                     gate_up[cfg.moe_intermediate_size:], down,
+                                                     have.biases(reading[0], torch.float32) if have.bias else None)
                             bar.update()
                         tensors[f"{prefix}{cfg.family.moe_prefix}.{PACKED}"] = packed
                     writer.add_layer(layer, tensors)

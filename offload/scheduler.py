@@ -29,11 +29,12 @@ with `cpu_weight_bytes` the bytes per weight the profile's CPU figures were
 taken at (2 for bf16; `offload profile` on a quantized model records its own,
 so a measured int4 figure is not scaled again), still capped by the batch
 roof. Measured on a 2-core EPYC, one thread, H=1024 I=3584 at 1 token: bf16
-1.74 ms, int8 0.78 ms (bytes / 2.0, time / 2.2), int4-g32 0.36 ms (bytes /
-3.2, time / 4.8): proportional to bytes, or better. The device figures are
+1.5 ms, int8 0.67 ms (bytes / 2.0, time / 2.2), int4-g32 0.37 ms (bytes /
+3.2, time / 4.1): proportional to bytes, or better. The device figures are
 not scaled: the runtime's GPU path dequantizes a quantized expert into the
 compute dtype and runs the dense matmul (offload/kernels.py), so it is no
-faster than dense, and the dequantize pass itself is not modeled.
+faster than dense; the dequantize pass itself is not modeled, which flatters
+quantized experts computed on a GPU.
 
 Resources, each serial, running concurrently with the others:
 

@@ -6,8 +6,9 @@ l+1's router, applied to what layer l's router saw, ranks l+1's experts
 well. Costs one small [H, E] matvec per predicted layer.
 
 Each router ranks with its family's own rule (offload/models/routing.py
-`Router.choice_scores`): DeepSeek's groups and V3's score-correction bias
-included, so a prediction is the choice that router would make on that input.
+`Router.choice_scores`): DeepSeek's groups and V3's score-correction bias, and
+GPT-OSS's router bias, included, so a prediction is the choice that router
+would make on that input.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def routers_from_checkpoint(path) -> list:
     for i in cfg.moe_layers:
         router = Router(cfg)
         for name, param in router.named_parameters():
-            value = ckpt.tensor(ckpt.resident_name(f"model.layers.{i}.{cfg.family.moe_prefix}.gate.{name}"))
+            value = ckpt.tensor(ckpt.resident_name(
+                f"model.layers.{i}.{cfg.family.moe_prefix}.{cfg.family.router_name}.{name}"))
             param.data = value.float()
         routers.append(router.requires_grad_(False))
     ckpt.close()

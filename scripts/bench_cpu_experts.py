@@ -189,7 +189,7 @@ def formats_table(h: int, i: int, names: list[str], tokens: list[int], repeats: 
     dense_bytes = 3 * h * i * 2
     print(f"threads {threads}, expert H={h} I={i}; memory read bandwidth {read_bw / 1e9:.1f} GB/s, bf16 GEMM "
           f"peak {peak / 1e9:.0f} GFLOP/s; kernels switch to dequantize+GEMM at DEQUANT_TOKENS="
-          f"{kernels.DEQUANT_TOKENS}; medians of {repeats}, paths interleaved")
+          f"{kernels.DEQUANT_TOKENS} tokens per expert; medians of {repeats}, paths interleaved")
     print("roofline GF/s: the best a bf16 expert (and one in the format's own bytes) could reach: "
           "6*H*I*n FLOPs / max(bytes / read bandwidth, FLOPs / GEMM peak)")
     found = {}

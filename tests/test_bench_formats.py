@@ -73,7 +73,8 @@ def test_probe_reports_shares_over_wall_time():
     probe = bench.Probe()
     sum(i * i for i in range(20000))
     seen = probe.stop()
-    assert set(seen) == {"process_read_bytes", "wall_seconds", "on_cpu_seconds", "runqueue_wait_seconds"}
+    assert set(seen) == {"process_read_bytes", "wall_seconds", "on_cpu_seconds", "runqueue_wait_seconds",
+                         "major_faults"}
     assert seen["wall_seconds"] > 0 and seen["process_read_bytes"] >= 0 and seen["runqueue_wait_seconds"] >= 0
 
 

@@ -93,6 +93,17 @@ def test_profile_temp_file_goes_to_the_temp_dir_and_is_removed(tmp_path, monkeyp
     assert list(where.iterdir()) == []  # Ctrl-C left nothing behind
 
 
+def test_a_temp_dir_in_ram_is_named_so(tmp_path):
+    from offload.profile import in_memory_fs
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/sda1 / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\ntmpfs /tmpx tmpfs rw 0 0\n"
+                      "/dev/sdb1 /tmp/disk ext4 rw 0 0\n")
+    assert in_memory_fs("/tmp", mounts) and in_memory_fs("/tmp/a/b", mounts)
+    assert not in_memory_fs("/tmp/disk/a", mounts) and not in_memory_fs("/tm", mounts)
+    assert not in_memory_fs("/home", mounts) and not in_memory_fs("/tmp", tmp_path / "absent")
+
+
 def test_profile_command_says_where_the_temp_file_goes(tmp_path, monkeypatch):
     from offload import profile
 
@@ -168,3 +179,33 @@ def test_progress_bars_only_on_a_terminal_and_for_large_checkpoints(monkeypatch,
     LearnedPredictor.train(trace, epochs=2, progress=True)
     assert not_a_terminal.getvalue() == ""
     assert os.environ.get("TQDM_DISABLE") is None
+
+
+def test_bench_table_header_and_notes_on_figures_above_their_bounds():
+    from offload import bench
+    from offload.bench import CaseResult
+
+    def result(name, tps, counted=0.0, read=0.0):
+        return CaseResult(name=name, placement="", load_seconds=0, tokens_per_second=tps, time_to_first_token=0,
+                          hit_rate=0, bytes_from_disk_per_token=counted, bytes_to_device_per_token=0,
+                          misses_per_token=0, stall_seconds_per_token=0, peak_rss=3 << 30, baseline_rss=1 << 30,
+                          format="bf16", process_read_bytes_per_token=read)
+
+    results = [result("a: resident", 10.0), result("b: RAM cache 1/2", 12.0, counted=1e6, read=1e6),
+               result("c: RAM 1/4, disk", 8.0, counted=200e6, read=1e6), result("c: slow", 2.0, 100e6, 100e6)]
+    lines = []
+    bench.report(results, echo=lines.append)
+    header = next(line for line in lines if line.startswith("case"))
+    assert header.split()[-3:] == ["RSS", "RSS", "added"]  # "peak RSS" and "RSS added": one label a column
+    assert "2.00 GiB" in lines[2]
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "b: RAM cache 1/2" in notes[0] and "faster than resident" in notes[0]
+
+    lines = []
+    bench.report_bounds(results, warm_bw=1e9, cold_bw=1e9, echo=lines.append)
+    bounds = [line for line in lines if line.startswith("bound for")]
+    assert len(bounds) == 3  # b, c, c: slow
+    notes = [line.strip() for line in lines if "note:" in line]
+    assert len(notes) == 2  # b (above the compute bound) and c (reads from the page cache); not "c: slow"
+    assert "page cache" in notes[1] and "MB read/tok" in notes[1]
+    assert "resident run" in notes[0]

@@ -54,12 +54,12 @@ def test_missing_config(copy_of):
 def test_unknown_architecture_lists_supported(copy_of):
     path = copy_of()
     cfg = json.loads((path / "config.json").read_text())
-    cfg["architectures"], cfg["model_type"] = ["GptOssForCausalLM"], "gpt_oss"
+    cfg["architectures"], cfg["model_type"] = ["JambaForCausalLM"], "jamba"  # GPT-OSS is supported now
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(OffloadError) as err:
         offload.load(path, device="cpu")
     message = str(err.value)
-    assert "GptOssForCausalLM" in message
+    assert "JambaForCausalLM" in message
     for name in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"):
         assert name in message
 

@@ -68,13 +68,15 @@ def test_mismatched_routing_shape_is_a_clear_error():
     trace = chained_trace(10, 0.0)
     with pytest.raises(OffloadError, match="top-2 of 8 experts but the model uses top-8 of 128"):
         simulate(trace, load_profile("colab-t4"), load_shape("qwen3-30b-a3b"))
-    with pytest.raises(OffloadError, match="unknown shape 'mixtral'; choose one of deepseek-v2-lite, deepseek-v3, mixtral-8x7b, qwen1.5"):
+    with pytest.raises(OffloadError, match="unknown shape 'mixtral'; choose one of deepseek-v2-lite, deepseek-v3, gpt-oss-120b, "
+                       "gpt-oss-20b, mixtral-8x7b, qwen1.5"):
         load_shape("mixtral")
 
 
 @pytest.mark.parametrize("name, billions", [("mixtral-8x7b", 46.7), ("qwen1.5-moe-a2.7b", 14.3),
                                             ("qwen3-30b-a3b", 30.5), ("deepseek-v2-lite", 15.7),
-                                            ("deepseek-v3", 671.0)])
+                                            ("deepseek-v3", 671.0), ("gpt-oss-20b", 20.91),
+                                            ("gpt-oss-120b", 116.83)])
 def test_shipped_shapes_have_the_published_parameter_counts(name, billions):
     cfg = load_shape(name)
     result = simulate(chained_trace(4, 0.0), load_profile("cpu-only"), cfg) if cfg.num_experts == 8 else None

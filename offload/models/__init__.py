@@ -1,11 +1,11 @@
 """Model families, one file each; `family_for` picks one from a config.json."""
 
 from ..errors import OffloadError
-from . import deepseek_v2, deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .family import Family
 
 FAMILIES: dict[str, Family] = {
-    m.FAMILY.architecture: m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3)
+    m.FAMILY.architecture: m.FAMILY for m in (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss)
 }
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 

@@ -14,19 +14,23 @@ from torch import nn
 from ..config import ModelConfig
 from ..experts import ACT, ExpertExecutor
 from ..kv_cache import KVCache
-from .mla import LatentAttention, latent_rope_tables
+from .deepseek_v2 import LatentRope
+from .mla import LatentAttention, inv_freq, latent_rope_tables
 from .norm import RMSNorm
 from .routing import Router
 
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, D] for integer positions [B, T] (linear scaling divides positions)."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=positions.device).float() / d))
-    inv_freq = inv_freq / cfg.rope_scaling_factor
-    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    """cos, sin [B, T, D] for integer positions [B, T]: default, linear (which divides the
+    frequencies) or YaRN (cfg.rope: its frequencies, and its attention factor scaling cos and sin),
+    with transformers' rope init functions (mla.inv_freq, shared with latent attention)."""
+    rope = cfg.rope or LatentRope("half", "linear", cfg.rope_theta, cfg.rope_scaling_factor)
+    freqs = positions[..., None].float() * inv_freq(rope, cfg.head_dim, positions.device)  # [B, T, D/2]
     emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,6 +60,8 @@ class Attention(nn.Module):
         elif mode == "full":
             self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
+        if cfg.family.sinks:  # GPT-OSS: one learned logit per head beside the keys (sink_attention)
+            self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
 
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int) -> torch.Tensor:
         cfg, mode = self.cfg, self.cfg.family.qk_norm
@@ -73,10 +79,59 @@ class Attention(nn.Module):
         v = v.view(b, t, -1, cfg.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = cache.append(layer, k, v)  # [B, Hkv, L, D]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=cfg.head_dim**-0.5, enable_gqa=cfg.num_heads != cfg.num_kv_heads
-        )  # [B, A, T, D]
+        if cfg.family.sinks:  # SDPA has no sinks: computed as transformers' eager attention does
+            out = sink_attention(q, k, v, mask, self.sinks, cfg.head_dim**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=cfg.head_dim**-0.5, enable_gqa=cfg.num_heads != cfg.num_kv_heads
+            )  # [B, A, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+# Queries per chunk of sink_attention are chosen so that one chunk's [B, A, T, L] logits stay under this.
+SINK_CHUNK_BYTES = 256 << 20
+
+
+def sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """Attention whose softmax also sees one learned logit per head (GPT-OSS's sinks): the sink takes
+    part of each query's probability mass and is then dropped, so the weights on the keys sum below 1.
+
+    q [B, A, T, D]; k, v [B, Hkv, L, D]; mask bool [B, 1, T, L] (True: may attend); sinks [A] -> [B, A, T, D].
+    As transformers' eager_attention_forward: logits in the activation dtype, the row max subtracted,
+    softmax, the sink's column dropped. Queries go in chunks so that a long prompt never holds all
+    [B, A, T, L] logits at once (each query's row is computed alone either way)."""
+    b, a, t, _ = q.shape
+    groups = a // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1) if groups > 1 else k  # [B, A, L, D]: transformers' repeat_kv
+    v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
+    length = k.shape[2]
+    chunk = max(1, SINK_CHUNK_BYTES // max(1, b * a * length * q.element_size()))
+    outs = []
+    for start in range(0, t, chunk):
+        logits = torch.matmul(q[:, :, start:start + chunk], k.transpose(2, 3)) * scale  # [B, A, t, L]
+        logits = logits.masked_fill(~mask[:, :, start:start + chunk], float("-inf"))
+        sink = sinks.reshape(1, -1, 1, 1).expand(b, -1, logits.shape[2], 1).to(logits.dtype)  # [B, A, t, 1]
+        combined = torch.cat([logits, sink], dim=-1)  # [B, A, t, L + 1]
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]  # the sink dropped
+        outs.append(torch.matmul(probs.to(v.dtype), v))  # [B, A, t, D]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class UpcastRMSNorm(RMSNorm):
+    """GPT-OSS's RMSNorm: the weight scales in float32 before the cast back (transformers keeps
+    these norms in float32; a bf16 weight is exact in float32, so it may stay stored as loaded)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x32).to(x.dtype)
+
+
+def hidden_norm(cfg: ModelConfig) -> RMSNorm:
+    """The RMSNorm over the hidden state (before attention, before the MLP, at the end)."""
+    return (UpcastRMSNorm if cfg.family.norm_upcast else RMSNorm)(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DenseMLP(nn.Module):
@@ -97,7 +152,8 @@ class MoEBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.gate = Router(cfg)  # the family's routing rule (offload/models/routing.py)
+        # The family's routing rule (offload/models/routing.py), under the checkpoint's name ("gate", "router").
+        self.add_module(cfg.family.router_name, Router(cfg))
         if cfg.family.shared_expert:
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
@@ -107,6 +163,14 @@ class MoEBlock(nn.Module):
             self.shared_experts = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act,
                                            cfg.mlp_bias)
         self.executor: ExpertExecutor | None = None  # set by the runtime after loading
+
+    @property
+    def gate(self) -> Router:
+        """The router, whatever the checkpoint calls it (predictors/gate.py applies it ahead)."""
+        router = self._modules.get(self.cfg.family.router_name)
+        if router is None:  # before __init__ registered it (nn.Module.add_module asks hasattr)
+            raise AttributeError("gate")
+        return router
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, H] -> (weights [N, K], ids [N, K], probs [N, E] float32)."""
@@ -128,8 +192,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.self_attn = LatentAttention(cfg) if cfg.family.attention == "mla" else Attention(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = hidden_norm(cfg)
+        self.post_attention_layernorm = hidden_norm(cfg)
         ffn = MoEBlock(cfg, layer) if cfg.sparse_layers[layer] else DenseMLP(
             cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
         # The attribute name is the checkpoint's ("block_sparse_moe" in Mixtral); dense layers are "mlp".
@@ -147,7 +211,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = hidden_norm(cfg)
 
 
 class MoECausalLM(nn.Module):

@@ -32,9 +32,12 @@ class Family:
     # token with no gate (a resident weight, never a routed expert).
     shared_experts: bool = False
     # How the router turns logits into (weights, experts), offload/models/routing.py: "softmax" (above),
-    # "deepseek_v2" (fp32 softmax, greedy or group-limited top-k, routed_scaling_factor) or
-    # "deepseek_v3" (fp32 sigmoid, e_score_correction_bias and top-2-per-group limits for the choice only).
-    router: Literal["softmax", "deepseek_v2", "deepseek_v3"] = "softmax"
+    # "deepseek_v2" (fp32 softmax, greedy or group-limited top-k, routed_scaling_factor),
+    # "deepseek_v3" (fp32 sigmoid, e_score_correction_bias and top-2-per-group limits for the choice only) or
+    # "gpt_oss" (biased logits, top-k of the logits, softmax over the k chosen).
+    router: Literal["softmax", "deepseek_v2", "deepseek_v3", "gpt_oss"] = "softmax"
+    # The router's attribute in the MoE block, as the checkpoint names it ("router" in GPT-OSS).
+    router_name: str = "gate"
     # "gqa": q/k/v projections and RoPE over head_dim; "mla": DeepSeek's multi-head latent attention
     # (offload/models/mla.py), whose KV cache holds one compressed latent per token.
     attention: Literal["gqa", "mla"] = "gqa"
@@ -43,6 +46,19 @@ class Family:
     # Alternative prefixes under which a checkpoint may store the MoE block
     # (transformers' fused format names Mixtral's block "mlp").
     moe_aliases: tuple[str, ...] = ()
+    # GPT-OSS: a learned logit per head (`self_attn.sinks`) joins each query's softmax and is dropped.
+    sinks: bool = False
+    # GPT-OSS: RMSNorm scales in float32 and casts after (transformers keeps those norms in float32).
+    norm_upcast: bool = False
+    # The experts' gating, glu(gate, up) replacing act(gate) * up, built from the config (GPT-OSS's
+    # clamped SwiGLU); None: act(gate) * up.
+    glu: Callable | None = None
+    # How routed experts are stored: "split" (gate, up, down per expert, or transformers' fused gate_up
+    # [E, 2I, H] and down [E, H, I]) or "gpt_oss" (gate_up [E, H, 2I] with gate/up in alternating
+    # columns, down [E, I, H], both with biases; or MXFP4 blocks and scales: offload/formats.py).
+    expert_layout: Literal["split", "gpt_oss"] = "split"
+    # RoPE theta when config.json names none (transformers' default_theta of the family's config).
+    default_rope_theta: float = 10000.0
 
 
 def sparse_layer_flags(raw: dict, num_layers: int) -> tuple[bool, ...]:

@@ -13,6 +13,11 @@ Rules (Family.router), each as transformers computes it:
   deepseek_v3  float32 logits, sigmoid scores; the choice uses scores + e_score_correction_bias,
                within the `topk_group` groups whose two best biased scores sum highest; the
                weights are the unbiased scores, renormalised with norm_topk_prob, x routed_scaling_factor
+  gpt_oss      logits = linear(h, weight, bias) in the activation dtype; the top-k logits chosen;
+               weights = their softmax (in the activation dtype), the other experts not counted.
+               `probs` (for the score policy and traces) is the float32 softmax over all E logits:
+               the router's own weights are not a distribution over every expert, this is the one
+               that ranks experts as the router does and sums to 1 like the other rules' probs
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from ..config import ModelConfig
 
 
 class Router(nn.Module):
-    """weight [E, H] (checkpoint `...gate.weight`), plus DeepSeek-V3's `e_score_correction_bias` [E]."""
+    """weight [E, H] (checkpoint `...gate.weight`), plus DeepSeek-V3's `e_score_correction_bias` [E]
+    or GPT-OSS's `bias` [E] (checkpoint `...router.weight`, `...router.bias`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -33,19 +39,27 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         if self.rule == "deepseek_v3":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts))
+        if self.rule == "gpt_oss":
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [N, H] -> [N, E]: in the activation dtype, or float32 for DeepSeek (whose gate is float32)."""
         if self.rule == "softmax":
             return F.linear(h, self.weight)
+        if self.rule == "gpt_oss":
+            return F.linear(h, self.weight, self.bias)
         return F.linear(h.float(), self.weight.float())
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h [N, H] -> (weights [N, K], ids [N, K], probs [N, E] float32).
 
-        `probs` feeds the score cache policy and traces: the softmax for softmax routers, the
-        sigmoid scores normalised to sum 1 for DeepSeek-V3."""
+        `probs` feeds the score cache policy and traces: the softmax for softmax routers (and over
+        all logits for GPT-OSS), the sigmoid scores normalised to sum 1 for DeepSeek-V3."""
         cfg, logits = self.cfg, self.logits(h)
+        if self.rule == "gpt_oss":
+            top, ids = torch.topk(logits, cfg.top_k, dim=-1)  # [N, K]
+            weights = torch.softmax(top, dim=1, dtype=top.dtype)
+            return weights, ids, torch.softmax(logits.float(), dim=-1)
         if self.rule == "softmax":
             probs = torch.softmax(logits.float(), dim=-1)
             weights, ids = torch.topk(probs, cfg.top_k, dim=-1)
@@ -70,7 +84,7 @@ class Router(nn.Module):
     def choice_scores(self, h: torch.Tensor) -> torch.Tensor:
         """h [N, H] -> float32 [N, E]: higher is likelier; each row's top-k are the experts `forward` picks."""
         logits = self.logits(h)
-        if self.rule == "softmax":
+        if self.rule in ("softmax", "gpt_oss"):  # monotone in the logits: the same top-k
             return torch.softmax(logits.float(), dim=-1)
         if self.rule == "deepseek_v2":
             return self._v2_choice(logits.softmax(dim=-1, dtype=torch.float32))

@@ -71,6 +71,10 @@ def model_directory(model, echo=stderr) -> Path:
     quantization = config.get("quantization_config")
     if quantization is None:
         return path
+    from ..formats import mxfp4_checkpoint
+
+    if mxfp4_checkpoint(config):  # GPT-OSS as released: its MXFP4 experts are read as they are
+        return path
     from .prequantized import open_prequantized
 
     return open_prequantized(path, config, echo)
