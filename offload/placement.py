@@ -129,15 +129,18 @@ def plan(cfg: ModelConfig, options: RuntimeConfig, device: torch.device, dtype: 
         gpu_budget = free - DEVICE_MARGIN
     if options.gpu_memory is not None and options.gpu_memory > free:
         raise OffloadError(f"gpu_memory={fmt_bytes(options.gpu_memory)} but only {fmt_bytes(free)} is free on {device}")
-    split = _split(options.cache_split, slots(gpu_budget - resident_bytes, "layer"), _minimum(cfg, "layer"))
+    host_budget = options.cpu_memory
+    if host_budget is None:
+        host_budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
+    # Both tiers share one split: per-layer shares only when each tier's share holds a token's experts
+    # (a T4 fits 2 int8 Mixtral experts per layer on the GPU but not in its 12.7 GB of RAM).
+    layer_slots = min(slots(gpu_budget - resident_bytes, "layer"), slots(host_budget, "layer"))
+    split = _split(options.cache_split, layer_slots, _minimum(cfg, "layer"))
     device_slots = slots(gpu_budget - resident_bytes, split)
     if gpu_measured and options.cpu_memory is None and device_slots >= total:
         return resident()
     minimum = _minimum(cfg, split)
     _check(device_slots, minimum, per_expert, "gpu_memory", resident_bytes, gpu_measured, gpu_budget, split)
-    host_budget = options.cpu_memory
-    if host_budget is None:
-        host_budget = _host_free(host_free) - resident_bytes - HOST_MARGIN
     host_slots = slots(host_budget, split)
     _check(host_slots, minimum, per_expert, "cpu_memory", 0, options.cpu_memory is None, host_budget, split)
     return Placement("offloaded", device_slots=device_slots, host_slots=host_slots, **common(split))

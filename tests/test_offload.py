@@ -126,3 +126,22 @@ def test_gpu_tiers_match_resident(model_dir):
     assert torch.equal(llm.logits(ids), resident.logits(ids))
     assert llm.generate(PROMPT, max_new_tokens=12).token_ids == resident.generate(PROMPT, max_new_tokens=12).token_ids
     assert llm.stats.bytes_to_device > 0 and llm.stats.bytes_from_disk > 0
+
+
+def test_auto_split_needs_per_layer_shares_in_both_tiers():
+    """plan()'s GPU branch, run on the CPU with given free memory: per-layer shares only when the GPU
+    and the host tier each hold top_k experts per layer, else one global pool (int8 Mixtral on a T4)."""
+    from offload.config import RuntimeConfig
+    from offload.placement import expert_format, plan
+    from offload.simulate import load_shape
+
+    cfg = load_shape("mixtral-8x7b")
+    fmt = expert_format(cfg, torch.float16, "int8")
+    per, layers = fmt.nbytes, len(cfg.moe_layers)
+    gpu = torch.device("cuda")  # only planned, never allocated
+    roomy = plan(cfg, RuntimeConfig(), gpu, torch.float16, 0, host_free=(4 * layers * per) + (3 << 30),
+                 device_free=(2 * layers * per) + (2 << 30), fmt=fmt)
+    assert roomy.split == "layer"
+    tight = plan(cfg, RuntimeConfig(), gpu, torch.float16, 0, host_free=(layers * per) + (3 << 30),
+                 device_free=(2 * layers * per) + (2 << 30), fmt=fmt)
+    assert tight.split == "global" and tight.host_slots >= cfg.top_k and tight.device_slots >= 2 * layers
