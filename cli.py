@@ -236,20 +236,23 @@ def quantize(model, bits, group_size, out):
               help="Run the whole sequence this many times; figures are medians over rounds (for busy machines).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="torch's CPU threads in every case (default: torch's, one per core).")
+@click.option("--readahead", default="auto", show_default=True,
+              help="Comma-separated readahead settings to run case c with: auto/on (the kernel's), off "
+                   "(fadvise RANDOM on the expert files: each read fetches what it asks for; an experiment).")
 def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts_file, json_out, experts, cases,
-          io_threads, drop_page_cache, rounds, threads):
+          io_threads, drop_page_cache, rounds, threads, readahead):
     """Time MODEL resident, with half the experts cached, and with a quarter in RAM and the rest on disk."""
     import json
     from dataclasses import asdict
 
     from offload.bench import bench as run_bench
-    from offload.bench import parse_cases, parse_io_threads, parse_list, parse_page_cache
+    from offload.bench import parse_cases, parse_io_threads, parse_list, parse_page_cache, parse_readahead
 
     prompts = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()] if prompts_file else None
     results = run_bench(model, device, prompt_tokens, new_tokens, repeats, tuple(predictors.split(",")),
                         prompts, echo=click.echo, experts=parse_list(experts) or (None,), cases=parse_cases(cases),
                         io_threads=parse_io_threads(io_threads), page_cache=parse_page_cache(drop_page_cache),
-                        rounds=rounds, threads=threads)
+                        rounds=rounds, threads=threads, readahead=parse_readahead(readahead))
     if json_out:
         tmp = json_out + ".tmp"
         with open(tmp, "w") as f:

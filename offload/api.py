@@ -18,7 +18,7 @@ from .errors import OffloadError
 from .engine import OffloadedExperts
 from .experts import ResidentExperts
 from .formats import parse_experts
-from .kernels import kernel_name
+from .kernels import cpu_weight_only, kernel_name
 from .generate import DecodeLoop, TextStream, check_prompts
 from .models.decoder import MoECausalLM
 from .placement import fmt_bytes, page_cache_too_small, plan, resident_bytes
@@ -99,7 +99,7 @@ def _with_experts(path: Path, experts: str | None) -> Path:
     have = stored.expert_format
     if have.kind == kind and have.group_size == group:
         return path
-    if have.quantized:
+    if have.quantized and not (have.kind == "mxfp4" and kind != "dense"):  # GPT-OSS's MXFP4 may become int8/int4
         raise OffloadError(f"{path} already holds {have.name} experts, not {experts}; load it without experts= "
                            "or quantize the original checkpoint")
     if kind == "dense":
@@ -218,8 +218,8 @@ class Runtime:
     def _decider(self, profile):
         """With a hardware profile, the scheduler decides which missing experts run on the CPU
         (only where a separate host tier exists, i.e. with a GPU)."""
-        if profile is None:
-            return None
+        if profile is None or not cpu_weight_only(self.expert_format):
+            return None  # the cost model prices CPU experts by their bytes: wrong for a per-call dequantize
         from .scheduler import CostModel, decider
 
         cfg = self.config
@@ -241,6 +241,10 @@ class Runtime:
             return text
         if self.placement.mode == "resident":
             return text + f"; profile {self.profile.name} unused: nothing is missed"
+        if not cpu_weight_only(self.expert_format):
+            return text + (f"; profile {self.profile.name} unused: the CPU would dequantize each "
+                           f"{self.expert_format.name} expert on every call, so missed experts are always fetched "
+                           "(load with experts='int4' to compute them on the CPU)")
         if getattr(self.experts, "decide", None) is None:
             return text + f"; profile {self.profile.name} unused: on a CPU every expert is computed on the CPU"
         return text + (f"; each missed expert is copied to the GPU or computed on the CPU, whichever "

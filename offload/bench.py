@@ -21,6 +21,7 @@ core (/proc/self/task/*/schedstat, field 2) as a share of wall time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -54,6 +55,7 @@ class Case:
     # Offloaded-engine settings the API does not expose, forced in the child only (None: the API's choice):
     io_threads: int | None = None  # OffloadedExperts' I/O pool
     drop_page_cache: bool | None = None  # fadvise(DONTNEED) after each expert read
+    readahead: bool | None = None  # False: fadvise(RANDOM) on the expert reader's files (no readahead)
 
 
 @dataclass
@@ -77,6 +79,8 @@ class CaseResult:
     on_cpu_share: float = 0.0  # summed CPU time of all threads / wall time (2.0 = two cores busy)
     io_threads: int = 0  # the offloaded engine's I/O pool as it ran (0: resident)
     drop_page_cache: bool = False  # whether expert reads dropped their pages, as it ran
+    cpu_seconds_per_token: float = 0.0  # on-CPU time of all threads per new token (prefill included)
+    major_faults_per_token: float = 0.0  # page faults that read a file (code paged back in), per new token
 
 
 # ---- the synthetic model ----------------------------------------------------
@@ -262,6 +266,9 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
     llm = offload.load(case.model or model, **case.options)
     load_seconds = time.perf_counter() - start
     engine = llm.experts if isinstance(llm.experts, OffloadedExperts) else None
+    if engine is not None and case.readahead is False:
+        for fd in engine.reader.fds.values():  # an experiment: reads fetch what was asked, nothing after it
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
     rng = np.random.default_rng(0)
     runs = []
     for r in range(repeats):
@@ -297,6 +304,7 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
         peak_rss=peak_rss(), baseline_rss=baseline_rss, runs=runs, format=case.format,
         process_read_bytes_per_token=per_token("process_read_bytes"),
         runqueue_wait_share=share("runqueue_wait_seconds"), on_cpu_share=share("on_cpu_seconds"),
+        cpu_seconds_per_token=per_token("on_cpu_seconds"), major_faults_per_token=per_token("major_faults"),
         io_threads=engine.io._max_workers if engine else 0,
         drop_page_cache=bool(engine and engine.reader.drop_cache),
     )
@@ -370,19 +378,29 @@ def parse_io_threads(text) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-PAGE_CACHE = {"auto": None, "on": True, "off": False}
+SWITCH = {"auto": None, "on": True, "off": False}
 
 
-def parse_page_cache(text) -> tuple[bool | None, ...]:
-    """"auto,off" -> (None, False): whether case c's reads drop their pages (on), keep them (off), or as
-    offload.load decides (auto: dropped when the checkpoint does not fit in the memory available)."""
+def parse_switch(text, option: str) -> tuple[bool | None, ...]:
+    """"auto,off" -> (None, False) for an on/off/auto option of case c (auto: the engine's own choice)."""
     from .errors import OffloadError
 
     parts = [p.lower() for p in parse_list(text) or ("auto",)]
-    bad = [p for p in parts if p not in PAGE_CACHE]
-    if bad:
-        raise OffloadError(f"--drop-page-cache {text!r}: use auto, on or off, comma-separated")
-    return tuple(PAGE_CACHE[p] for p in parts)
+    if any(p not in SWITCH for p in parts):
+        raise OffloadError(f"{option} {text!r}: use auto, on or off, comma-separated")
+    return tuple(SWITCH[p] for p in parts)
+
+
+def parse_page_cache(text) -> tuple[bool | None, ...]:
+    """Whether case c's reads drop their pages (on), keep them (off), or as offload.load decides
+    (auto: dropped when the checkpoint does not fit in the memory available)."""
+    return parse_switch(text, "--drop-page-cache")
+
+
+def parse_readahead(text) -> tuple[bool | None, ...]:
+    """Whether the kernel reads ahead of case c's expert reads (on, the default: auto) or not (off:
+    fadvise RANDOM on the reader's files, an experiment)."""
+    return parse_switch(text, "--readahead")
 
 
 def format_directory(model: str, experts: str | None) -> tuple[Path, str, str | None]:
@@ -424,11 +442,11 @@ def case_budgets(cfg, eb: int, resident: int, device: str, cgroups: bool = True)
 
 def default_cases(model: str, device: str, predictors=("none", "gate"), experts: str | None = None,
                   cases=CASES, io_threads=(None,), page_cache=(None,), fmt_name: str = "",
-                  threads: int | None = None) -> tuple[list[Case], dict]:
+                  threads: int | None = None, readahead=(None,)) -> tuple[list[Case], dict]:
     """(a) resident, (b) experts in RAM with a compute-side cache of half the
     experts, (c) experts on disk with a RAM budget of a quarter of them; (b)
     and (c) once per predictor, to show what prefetching saves; (c) also once per
-    forced I/O pool size and page-cache setting asked for (None: the engine's own).
+    forced I/O pool size, page-cache setting and readahead setting asked for (None: the engine's own).
     `model` is a directory whose experts are stored in `experts` (None: as stored);
     budgets count that format's bytes. `threads`: torch's CPU threads in every case (None: torch's default)."""
     from .checkpoint import Checkpoint
@@ -455,15 +473,15 @@ def default_cases(model: str, device: str, predictors=("none", "gate"), experts:
                             **common))
     if "c" in cases:
         for predictor in predictors:
-            for threads in io_threads:
-                for drop in page_cache:
-                    name = f"c: RAM 1/4, disk (cgroup), {predictor}"
-                    name += f", io {threads}" if threads is not None else ""
-                    name += {None: "", True: ", fadvise on", False: ", fadvise off"}[drop]
-                    # cold: the checkpoint is dropped from the page cache, and the cgroup keeps it out
-                    out.append(Case(name, dict(budgets["c"], predictor=predictor, **with_format),
-                                    memory_limit=budgets["limit"], cold=True, io_threads=threads,
-                                    drop_page_cache=drop, **common))
+            for io, drop, ahead in itertools.product(io_threads, page_cache, readahead):
+                name = f"c: RAM 1/4, disk (cgroup), {predictor}"
+                name += f", io {io}" if io is not None else ""
+                name += {None: "", True: ", drop on", False: ", drop off"}[drop]
+                name += {None: "", True: ", readahead on", False: ", readahead off"}[ahead]
+                # cold: the checkpoint is dropped from the page cache, and the cgroup keeps it out
+                out.append(Case(name, dict(budgets["c"], predictor=predictor, **with_format),
+                                memory_limit=budgets["limit"], cold=True, io_threads=io, drop_page_cache=drop,
+                                readahead=ahead, **common))
     info = dict(expert_bytes=eb, total_experts=budgets["total"], resident_bytes=resident, files=files,
                 limit=budgets["limit"], budgets={"b": budgets["b"].get("cpu_memory"), "c": budgets["c"]["cpu_memory"]})
     return out, info
@@ -514,7 +532,7 @@ def merge(rounds: list[CaseResult]) -> CaseResult:
 def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
           predictors=("none", "gate"), prompts: list[str] | None = None, echo=print, experts=(None,),
           cases=CASES, io_threads=(None,), page_cache=(None,), rounds: int = 1,
-          threads: int | None = None) -> list[CaseResult]:
+          threads: int | None = None, readahead=(None,)) -> list[CaseResult]:
     """Run the cases for each expert format in `experts` (None: as stored; e.g. ("bf16", "int8",
     "int4")), formats interleaved; the first format is the reference of the second ratio. With
     `rounds` > 1 the whole sequence runs that many times and each figure is the median over rounds."""
@@ -522,7 +540,7 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
     planned, infos = [], {}
     for path, name, option in formats:
         cs, info = default_cases(str(path), device, predictors, option, cases, io_threads, page_cache, name,
-                                 threads)
+                                 threads, readahead)
         planned.append(cs)
         infos[name] = info
     first = infos[formats[0][1]]
@@ -603,20 +621,22 @@ def report(results: list[CaseResult], echo=print) -> None:
     show = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     echo("")
     echo(f"{'case':{width}} {'format':>8} {'tok/s':>7} {'x a':>5} {'x ' + reference:>9} {'TTFT s':>7} {'hit':>4} "
-         f"{'MB disk/tok':>11} {'MB read/tok':>11} {'read/disk':>9} {'runq wait':>9} {'on-CPU':>6} {'io':>3} "
+         f"{'MB disk/tok':>11} {'MB read/tok':>11} {'read/disk':>9} {'runq wait':>9} {'on-CPU':>6} {'CPU ms/tok':>10} "
+         f"{'io':>3} "
          f"{'drop':>4} {'peak RSS':>10} {'RSS added':>10}")
     for r, (own, ref) in zip(results, ratios(results)):
         echo(f"{r.name:{width}} {r.format:>8} {r.tokens_per_second:7.2f} {show(own):>5} {show(ref):>9} "
              f"{r.time_to_first_token:7.2f} {r.hit_rate:4.0%} {r.bytes_from_disk_per_token / 1e6:11.1f} "
              f"{r.process_read_bytes_per_token / 1e6:11.1f} {show(read_over_counted(r)):>9} "
-             f"{r.runqueue_wait_share:9.0%} {r.on_cpu_share:6.0%} {r.io_threads or '-':>3} "
+             f"{r.runqueue_wait_share:9.0%} {r.on_cpu_share:6.0%} {r.cpu_seconds_per_token * 1e3:10.1f} "
+             f"{r.io_threads or '-':>3} "
              f"{('on' if r.drop_page_cache else 'off') if r.io_threads else '-':>4} "
              f"{fmt_bytes(r.peak_rss):>10} {fmt_bytes(r.peak_rss - r.baseline_rss):>10}")
     echo(f"(x a: over the same format's resident run; x {reference}: over the {reference} run of the same case. "
          "MB disk/tok: expert bytes the engine counted as read; MB read/tok: what the process read from storage "
          "(/proc/self/io read_bytes, readahead included). runq wait: time all threads waited for a core, on-CPU: "
-         "time they ran, both summed over threads over wall time. io: the I/O pool; drop: expert reads drop their "
-         "pages from the page cache. RSS added: peak RSS less the baseline, what loading and running added over "
+         "time they ran, both summed over threads over wall time; CPU ms/tok: that CPU time per new token (prefill "
+         "included). io: the I/O pool; drop: expert reads drop their pages from the page cache. RSS added: peak RSS less the baseline, what loading and running added over "
          "the bare interpreter with torch.)")
     base = {r.format: r.tokens_per_second for r in results if r.name == "a: resident"}
     for r in results:

@@ -144,6 +144,13 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
     return weight_only
 
 
+def cpu_weight_only(fmt: ExpertFormat) -> bool:
+    """Whether the CPU computes `fmt` at about the speed of reading its bytes (dense, or a weight-only
+    kernel), rather than dequantizing every expert on every call (mxfp4: 100x slower at batch 1)."""
+    return fmt.kind == "dense" or (fmt.kind == "int8" and cpu_int8_kernel_available()) or (
+        fmt.kind == "int4" and cpu_int4_kernel_agrees())
+
+
 def kernel_name(fmt: ExpertFormat, device: torch.device) -> str:
     """What `expert_kernel` picked, in words (describe() prints it)."""
     if fmt.kind == "dense":

@@ -47,11 +47,9 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
     src = model_directory(model)  # a GGUF, GPTQ, AWQ or FP8 source is converted first (and refused below)
     ckpt = Checkpoint(src)
     try:
-        if ckpt.expert_format.kind == "mxfp4":
-            raise OffloadError(f"{src} holds GPT-OSS's MXFP4 experts (4.25 bits per weight), which load as they "
-                               "are; int4 would be larger (4.5 bits with group 32) and lossier. Load it directly, "
-                               "or quantize a bf16 GPT-OSS checkpoint")
-        if ckpt.expert_format.quantized:
+        # GPT-OSS's MXFP4 experts may be quantized again (lossy, opt-in): on a CPU they dequantize per call
+        # (hundreds of ms per expert), where int8 (0.8% from the MXFP4 weights) and int4 have fast kernels.
+        if ckpt.expert_format.quantized and ckpt.expert_format.kind != "mxfp4":
             raise OffloadError(f"{src} already holds {ckpt.expert_format.name} experts; quantize the original "
                                "(unquantized) checkpoint instead")
         cfg = ckpt.config
@@ -92,7 +90,9 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
             for f in src.iterdir():  # tokenizer, generation config, chat template, model card
                 if f.is_file() and not f.name.endswith(".safetensors") and f.name not in (INDEX, "config.json"):
                     shutil.copy2(f, tmp / f.name)
-            writer.finish(ckpt.raw_config, fmt)
+            # The experts are no longer the source's MXFP4: its quantization_config would misdescribe them.
+            writer.finish({k: v for k, v in ckpt.raw_config.items() if k != "quantization_config"}
+                          if have.kind == "mxfp4" else ckpt.raw_config, fmt)
     finally:
         ckpt.close()
     return out

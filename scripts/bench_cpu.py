@@ -10,7 +10,8 @@ rest really comes from disk; (b) and (c) without and with gate prefetching. Need
 (c) runs unconfined and says so.
 
     python scripts/bench_cpu.py --experts bf16,int8,int4 [--cases a,c] [--io-threads 1,2,4]
-                                [--drop-page-cache auto,off] [--rounds 3]
+                                [--drop-page-cache auto,off] [--readahead auto,off] [--rounds 3]
+                                [--threads 1]
 
 runs every case once per expert format (quantized copies made once, in
 offload.load's cache: $MOE_OFFLOAD_CACHE or ~/.cache/moe-offload), formats
@@ -24,7 +25,8 @@ import argparse
 import json
 from dataclasses import asdict
 
-from offload.bench import bench, make_synthetic_mixtral, parse_cases, parse_io_threads, parse_list, parse_page_cache
+from offload.bench import (bench, make_synthetic_mixtral, parse_cases, parse_io_threads, parse_list, parse_page_cache,
+                           parse_readahead)
 
 
 def main():
@@ -41,6 +43,7 @@ def main():
     parser.add_argument("--drop-page-cache", default="auto", help="case c page-cache settings: auto, on, off")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence; medians over rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads in every case")
+    parser.add_argument("--readahead", default="auto", help="case c readahead settings: auto, on, off (experiment)")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
     path = make_synthetic_mixtral(args.dir, layers=args.layers)
@@ -48,7 +51,7 @@ def main():
                     tuple(args.predictors.split(",")), experts=parse_list(args.experts) or (None,),
                     cases=parse_cases(args.cases), io_threads=parse_io_threads(args.io_threads),
                     page_cache=parse_page_cache(args.drop_page_cache), rounds=args.rounds,
-                    threads=args.threads)
+                    threads=args.threads, readahead=parse_readahead(args.readahead))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)

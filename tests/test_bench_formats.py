@@ -87,8 +87,10 @@ def test_option_lists():
     assert bench.parse_io_threads("1,2,4") == (1, 2, 4)
     assert bench.parse_io_threads("auto") == bench.parse_io_threads("") == (None,)
     assert bench.parse_page_cache("auto,off,on") == (None, False, True)
+    assert bench.parse_readahead("") == (None,) and bench.parse_readahead("on,off") == (True, False)
     for parse, bad in ((bench.parse_cases, "a,d"), (bench.parse_cases, ""), (bench.parse_io_threads, "0"),
-                       (bench.parse_io_threads, "two"), (bench.parse_page_cache, "maybe")):
+                       (bench.parse_io_threads, "two"), (bench.parse_page_cache, "maybe"),
+                       (bench.parse_readahead, "no")):
         with pytest.raises(OffloadError):
             parse(bad)
 
@@ -151,13 +153,17 @@ def test_default_cases_per_format(int4_demo):
     assert info["budgets"]["c"] == max(info["total_experts"] // 4, 4 * cfg.top_k) * fmt.nbytes
     assert [c.name for c in cases] == [
         "a: resident", "b: RAM cache 1/2, page cache, none", "c: RAM 1/4, disk (cgroup), none, io 1",
-        "c: RAM 1/4, disk (cgroup), none, io 1, fadvise off", "c: RAM 1/4, disk (cgroup), none",
-        "c: RAM 1/4, disk (cgroup), none, fadvise off"]
+        "c: RAM 1/4, disk (cgroup), none, io 1, drop off", "c: RAM 1/4, disk (cgroup), none",
+        "c: RAM 1/4, disk (cgroup), none, drop off"]
     assert all(c.model == str(path) and c.format == name and c.options["experts"] == option for c in cases)
     assert [(c.io_threads, c.drop_page_cache) for c in cases[2:]] == [(1, None), (1, False), (None, None),
                                                                        (None, False)]
-    only_c, _ = bench.default_cases(str(path), "cpu", ("none", "gate"), option, cases=("c",), fmt_name=name)
+    only_c, _ = bench.default_cases(str(path), "cpu", ("none", "gate"), option, cases=("c",), fmt_name=name,
+                                    threads=1, readahead=(False,))
     assert [c.options["predictor"] for c in only_c] == ["none", "gate"] and all(c.cold for c in only_c)
+    assert [c.name for c in only_c] == ["c: RAM 1/4, disk (cgroup), none, readahead off",
+                                        "c: RAM 1/4, disk (cgroup), gate, readahead off"]
+    assert all(c.readahead is False and c.options["threads"] == 1 for c in only_c)
     dense, _ = bench.default_cases(DEMO, "cpu", ("none",), None, cases=("a",), fmt_name="fp32")
     assert "experts" not in dense[0].options
 
@@ -174,6 +180,16 @@ def _result(name, fmt, tps, counted=0.0, read=0.0):
                       hit_rate=0, bytes_from_disk_per_token=counted, bytes_to_device_per_token=0,
                       misses_per_token=0, stall_seconds_per_token=0, peak_rss=0, baseline_rss=0, format=fmt,
                       process_read_bytes_per_token=read)
+
+
+def test_merge_takes_medians_over_rounds():
+    rounds = [_result("c", "int4", tps, counted=c) for tps, c in ((3.0, 10.0), (5.0, 30.0), (4.0, 20.0))]
+    for r, rss, runs in zip(rounds, (100, 300, 200), ([1], [2], [3])):
+        r.peak_rss, r.runs = rss, runs
+    merged = bench.merge(rounds)
+    assert (merged.tokens_per_second, merged.bytes_from_disk_per_token, merged.peak_rss) == (4.0, 20.0, 300)
+    assert merged.runs == [1, 2, 3] and merged.name == "c" and merged.format == "int4"
+    assert bench.merge(rounds[:1]) is rounds[0]
 
 
 def test_ratios_to_own_resident_and_to_the_reference_format():
@@ -195,9 +211,10 @@ def test_forced_engine_settings_and_the_figures_of_a_case(monkeypatch):
 
     monkeypatch.setattr(api, "OffloadedExperts", api.OffloadedExperts)  # restored afterwards
     case = Case("c", dict(device="cpu", cpu_memory="6MiB", predictor="none"), io_threads=1,
-                drop_page_cache=True, format="fp32")
+                drop_page_cache=True, readahead=False, format="fp32")
     result = bench.run_case(DEMO, case, prompt_tokens=4, new_tokens=2, repeats=1)
     assert (result.io_threads, result.drop_page_cache, result.format) == (1, True, "fp32")
+    assert result.cpu_seconds_per_token > 0 and result.major_faults_per_token >= 0
     assert result.bytes_from_disk_per_token > 0 and result.process_read_bytes_per_token >= 0
     assert result.runqueue_wait_share >= 0 and result.on_cpu_share >= 0
     assert {"process_read_bytes", "wall_seconds", "runqueue_wait_seconds"} <= set(result.runs[0])

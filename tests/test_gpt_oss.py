@@ -181,6 +181,17 @@ def test_published_rope_matches_transformers(shape):
     assert torch.equal(cos[..., 32:], theirs[0])
 
 
+def test_yarn_serves_every_standard_attention_family(model_dir):
+    """The YaRN of GPT-OSS is the decoder's, not the family's: a Qwen3-MoE config with YaRN matches too."""
+    path = model_dir("qwen3_moe", initializer_range=0.2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32})
+    llm, ref = offload.load(path, device="cpu"), reference(path)
+    assert llm.config.rope.kind == "yarn" and llm.config.rope.attention_factor > 1
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (llm.logits(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_batch_with_left_padding_matches_each_prompt_alone(gpt_oss):
     path = gpt_oss("yarn")
     llm, ref = offload.load(path, device="cpu"), reference(path)
@@ -286,21 +297,25 @@ def test_mxfp4_bytes_per_expert_at_the_published_shapes():
 
 
 @pytest.mark.parametrize("kind, group", [("int8", 0), ("int4", 32)])
-def test_quantize_keeps_the_layout_and_biases(gpt_oss, tmp_path, monkeypatch, kind, group):
-    """`experts="int8"` / `"int4"` from a transformers-saved GPT-OSS checkpoint keeps gate/up rows
+@pytest.mark.parametrize("mxfp4", [False, True])
+def test_quantize_keeps_the_layout_and_biases(gpt_oss, tmp_path, monkeypatch, kind, group, mxfp4):
+    """`experts="int8"` / `"int4"` from a transformers-saved GPT-OSS checkpoint, or from the MXFP4 one
+    (quantized again: lossy, opt-in, for CPUs where MXFP4 dequantizes per call), keeps gate/up rows
     interleaved and the biases (bf16): against transformers running test_quantized's independent
-    dequantized weights, through the dequantize-then-matmul path in float32 (the weight-only kernels
-    round activations to bf16, which flips a routing choice of these random weights now and then)."""
+    dequantization of the source's weights, through the dequantize-then-matmul path in float32 (the
+    weight-only kernels round activations to bf16, which flips a routing choice of these random
+    weights now and then)."""
     import offload.kernels
     from test_quantized import dequantized_reference
 
     monkeypatch.setenv("MOE_OFFLOAD_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(offload.kernels, "DEQUANT_TOKENS", 1)
-    path = gpt_oss("yarn")
+    path = gpt_oss("yarn", mxfp4=mxfp4)
     llm = offload.load(path, device="cpu", experts=kind if kind == "int8" else f"int4-g{group}")
     fmt = llm.expert_format
     assert (fmt.kind, fmt.bias, fmt.interleaved, fmt.apart, fmt.group_size) == (kind, True, True, False, group)
-    ref = reference(path)
+    assert "quantization_config" not in llm.checkpoint.raw_config  # no longer MXFP4
+    ref = reference(path)  # transformers dequantizes an MXFP4 checkpoint itself
     with torch.no_grad():
         for layer in ref.model.layers:
             experts = layer.mlp.experts
@@ -318,13 +333,10 @@ def test_quantize_keeps_the_layout_and_biases(gpt_oss, tmp_path, monkeypatch, ki
     assert (llm.logits(ids) - expected).abs().max() <= 2e-5 * expected.abs().max()
 
 
-def test_an_mxfp4_checkpoint_is_not_quantized_again(gpt_oss, tmp_path):
-    from offload.quantize import quantize_model
-
-    with pytest.raises(OffloadError, match="MXFP4 experts .* load as they are"):
-        quantize_model(gpt_oss("yarn", mxfp4=True), tmp_path / "out", "int4", progress=False)
-    with pytest.raises(OffloadError, match="already holds mxfp4 experts"):
-        offload.load(gpt_oss("yarn", mxfp4=True), device="cpu", experts="int4")
+def test_an_mxfp4_checkpoint_keeps_its_experts_unless_asked(gpt_oss):
+    with pytest.raises(OffloadError, match="already holds mxfp4 experts, not bf16"):
+        offload.load(gpt_oss("yarn", mxfp4=True), device="cpu", experts="bf16")
+    assert offload.load(gpt_oss("yarn", mxfp4=True), device="cpu", experts=None).expert_format.kind == "mxfp4"
 
 
 def test_bf16_checkpoint(gpt_oss):
