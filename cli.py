@@ -382,19 +382,17 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
     import itertools
 
     from offload.config import parse_memory
-    from offload.formats import parse_experts
     from offload.predictors.trace import load_trace
     from offload.profile import load_profile, shipped_profiles
-    from offload.simulate import load_shape, predictor_scores, stored_experts
+    from offload.simulate import load_shape, predictor_scores, shape_format
     from offload.simulate import simulate as run
 
     cfg = load_shape(shape)
-    experts = experts or stored_experts(shape)
-    parse_experts(experts)  # a misspelt format fails here, not once per profile of a --table
+    fmt = shape_format(shape, experts)  # as stored, or converted; a misspelt format fails here
     recorded = load_trace(trace_dir)
     fit, test = recorded.split(0.5)
     gpu, host = parse_memory(gpu_memory, "gpu_memory"), parse_memory(cpu_memory, "cpu_memory")
-    click.echo(f"{shape} sizes, {experts or 'unquantized'} experts, routing from {trace_dir} "
+    click.echo(f"{shape} sizes, {fmt.name if fmt.quantized else 'unquantized'} experts, routing from {trace_dir} "
                f"({min(test.num_tokens, tokens)} decode tokens replayed)")
     header = f"{'profile':12} {'policy':6} {'predictor':9} {'cpu':4} {'tok/s':>8} {'hit':>5} {'CPU share':>9} " \
              f"{'disk MB/tok':>11} {'link MB/tok':>11} {'slots dev/host':>14} split"
@@ -416,7 +414,7 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
         for pol, name, allow in itertools.product(("lru", "lfu", "score") if table else (policy,), scores, allows):
             try:
                 r = run(test, hw, cfg, pol, scores[name], allow, gpu, host, tokens, cache_split, dtype,
-                        prompt_tokens, experts)
+                        prompt_tokens, fmt)
             except OffloadError as exc:
                 if not table:
                     raise

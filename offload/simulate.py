@@ -28,7 +28,7 @@ does not). The non-expert weights stay in the compute dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,8 +37,9 @@ from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .config import ModelConfig, RuntimeConfig
 from .errors import OffloadError
+from .formats import ExpertFormat, parse_experts, stored_format
+from .kernels import cpu_weight_only
 from .models import family_for
-from .formats import CONFIG_KEY, ExpertFormat, stored_format
 from .placement import Placement, expert_format, plan, resident_bytes
 from .predictors.base import rank
 from .profile import HardwareProfile
@@ -58,14 +59,18 @@ def load_shape(name: str) -> ModelConfig:
     return ModelConfig.from_dict(raw, family_for(raw))
 
 
-def stored_experts(name: str) -> str | None:
-    """The expert format a shape's config.json says its experts are stored in ("int4-g32", ...),
-    or None for unquantized experts: what `simulate(experts=...)` models when not told otherwise."""
+def shape_format(name: str, experts: str | None = None) -> ExpertFormat:
+    """The experts' format a run of shape `name` uses with `load(experts=experts)`: as its
+    config.json says they are stored (unquantized, written by `offload quantize`, GPT-OSS's
+    MXFP4) when `experts` is None, else converted to `experts`, keeping the family's layout
+    (biases, interleaved gate/up). In bf16; `simulate` computes in the profile's compute dtype."""
     raw = _shape_json(name)
-    if CONFIG_KEY not in raw:
-        return None
     cfg = ModelConfig.from_dict(raw, family_for(raw))
-    return stored_format(raw, cfg.hidden_size, cfg.moe_intermediate_size, torch.bfloat16).name
+    stored = stored_format(raw, cfg.hidden_size, cfg.moe_intermediate_size, torch.bfloat16)
+    kind, group = parse_experts(experts)
+    if experts is None or (kind, group) == (stored.kind, stored.group_size):
+        return stored
+    return ExpertFormat(kind, stored.hidden, stored.width, stored.dtype, group, stored.bias, stored.interleaved)
 
 
 def _shape_json(name: str) -> dict:
@@ -98,13 +103,14 @@ class SimResult:
 
 
 def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeConfig,
-                 experts: str | None = None) -> tuple[Placement, ExpertFormat]:
+                 experts: str | ExpertFormat | None = None) -> tuple[Placement, ExpertFormat]:
     """Where the runtime would put the experts on the profile's machine, and in which format
-    (`experts` as for `load`; None: unquantized, in the compute dtype)."""
+    (`experts` as for `load`, None: unquantized; or a format, e.g. from `shape_format`)."""
     device = torch.device(profile.device)
     dtype = options.compute_dtype(cfg.dtype, device)
     try:
-        fmt = expert_format(cfg, dtype, experts)
+        fmt = (replace(experts, dtype=dtype) if isinstance(experts, ExpertFormat)
+               else expert_format(cfg, dtype, experts))
         return plan(cfg, options, device, dtype, resident_bytes(cfg, dtype), host_free=profile.host_memory,
                     device_free=profile.device_memory, fmt=fmt), fmt
     except OffloadError as exc:
@@ -114,7 +120,7 @@ def placement_on(cfg: ModelConfig, profile: HardwareProfile, options: RuntimeCon
 def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "lru", scores: dict | None = None,
              cpu: bool = True, gpu_memory: int | None = None, cpu_memory: int | None = None,
              max_tokens: int = 512, cache_split: str = "auto", dtype: str | None = None,
-             prompt_tokens: int = 0, experts: str | None = None) -> SimResult:
+             prompt_tokens: int = 0, experts: str | ExpertFormat | None = None) -> SimResult:
     """Decode the trace's tokens one by one; `scores` are a predictor's, from
     `predictors.evaluate.all_scores` ({trace layer: {trace layer + 1: [T, E]}}).
 
@@ -122,7 +128,8 @@ def simulate(trace, profile: HardwareProfile, cfg: ModelConfig, policy: str = "l
     step (every layer's experts with their token counts, as `generate` runs a prompt) and only
     the rest are decode steps: figures then match a run's decode phase after a warm-up.
     `experts`: the experts' format, as `load(experts=...)` takes it ("int8", "int4", "int4-g64";
-    None: unquantized in the compute dtype; see `stored_experts` for a quantized model's own)."""
+    None: unquantized), or an ExpertFormat: `shape_format(name)` is the one a shape's experts are
+    stored in (a quantized model directory's, GPT-OSS's MXFP4)."""
     if (trace.num_experts, trace.top_k) != (cfg.num_experts, cfg.top_k):
         raise OffloadError(f"the trace routes top-{trace.top_k} of {trace.num_experts} experts but the model "
                            f"uses top-{cfg.top_k} of {cfg.num_experts}; record a trace of that routing shape")
@@ -150,7 +157,8 @@ class _Replay:
     def __init__(self, trace, profile, cfg, placement, fmt, policy, scores, cpu):
         self.trace, self.profile, self.placement, self.policy, self.scores = trace, profile, placement, policy, scores
         self.on_cpu_device = profile.device == "cpu"
-        self.allow_cpu = cpu and not self.on_cpu_device
+        # As api.Runtime: no CPU experts for a format the CPU would dequantize on every call (MXFP4).
+        self.allow_cpu = cpu and not self.on_cpu_device and cpu_weight_only(fmt)
         self.layers = list(range(placement.sparse_layers))  # MoE positions
         self.device = ExpertCache(placement.device_slots, make_policy(policy), self.layers, placement.split)
         self.host = (ExpertCache(placement.host_slots, make_policy(policy), self.layers, placement.split)

@@ -250,3 +250,10 @@ def test_dequantize_path_of_the_kernel_uses_it(monkeypatch):
     wgu, wd = fmt.dequantize(packed, torch.float32)
     g, u = F.linear(x, wgu).chunk(2, dim=-1)
     assert torch.allclose(y, F.linear(F.silu(g) * u, wd), rtol=1e-5, atol=1e-6)
+
+
+def test_io_pool_follows_the_cores_this_process_may_use():
+    from offload.cache.store import IO_THREADS
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert IO_THREADS == min(4, max(2, cores))

@@ -196,27 +196,17 @@ def test_learned_without_a_trained_file_says_how_to_train(model_dir):
         offload.load(path, device="cpu", cpu_memory=6 * per_expert, predictor="learned")
 
 
-def test_prefetch_cuts_stall_time_when_reads_are_slow(model_dir, monkeypatch):
-    """With reads slow enough to dominate (5 ms each), prefetched reads overlap the
-    current layer's own and the compute waits less: stall_seconds go down."""
-    import time
-
-    from offload.cache.store import ExpertReader
-
-    real = ExpertReader.read
-
-    def slow(self, *args):
-        time.sleep(0.005)
-        return real(self, *args)
-
-    monkeypatch.setattr(ExpertReader, "read", slow)
+def test_prefetch_turns_demand_misses_into_hits(model_dir):
+    """Prefetched experts are there when their layer comes: fewer demand misses (reads the compute
+    waits for), same tokens. Counted, not timed: how much stall time that saves is the benchmark's
+    to measure (`offload bench` prints stall per token; a timed assertion flaked on a busy machine)."""
     path = model_dir("mixtral", num_hidden_layers=4, num_local_experts=8)
     per_expert = offload.load(path, device="cpu").placement.expert_bytes
-    stalls, tokens = {}, {}
+    misses, tokens = {}, {}
     for name in ("none", "gate"):
         llm = offload.load(path, device="cpu", cpu_memory=8 * per_expert, predictor=name)
         tokens[name] = llm.generate([1, 30, 31, 32, 33], max_new_tokens=24).token_ids
-        stalls[name] = llm.stats.stall_seconds
+        misses[name] = llm.stats.misses
         assert name == "none" or llm.stats.prefetch_used > 0
     assert tokens["gate"] == tokens["none"]
-    assert stalls["gate"] < 0.9 * stalls["none"], stalls  # measured here: 0.39 s against 0.49 s
+    assert misses["gate"] < misses["none"], misses

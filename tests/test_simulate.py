@@ -231,13 +231,15 @@ def test_the_simulator_places_quantized_experts_as_the_runtime_does(model_dir, t
     src = model_dir("mixtral", hidden_size=64, intermediate_size=64, num_local_experts=8)  # as test_quantized
     path = str(quantize_model(src, tmp_path / "int4", "int4", progress=False))
     cfg = load_shape(path)
-    assert sim.stored_experts(path) == "int4-g32" and sim.stored_experts(str(src)) is None
+    stored = sim.shape_format(path)  # what the shape's config.json says, as `load` reads it
+    assert stored.name == "int4-g32" and not sim.shape_format(str(src)).quantized
+    assert sim.shape_format(str(src), "int4") == stored and sim.shape_format(path, "int8").name == "int8"
     per_expert = expert_format(cfg, torch.float32, "int4-g32").nbytes
     assert per_expert < 3 * 64 * 64 * 4 / 4  # scales included, still under a quarter of fp32
     for slots in (3, 9):  # 3: below top_k per layer, so "auto" makes one global pool
         llm = offload.load(path, device="cpu", cpu_memory=slots * per_expert)
         ours = simulate(chained_trace(5, 0.0), load_profile("cpu-only"), cfg, cpu_memory=slots * per_expert,
-                        experts=sim.stored_experts(path)).placement
+                        experts=stored).placement
         assert ours == llm.placement and ours.expert_format == "int4-g32"
         llm.close()
 
@@ -252,11 +254,32 @@ def test_cli_experts_flag():
     trace = Path(__file__).parent / "data" / "demo_trace"
     args = ["simulate", "--trace", str(trace), "--shape", "mixtral-8x7b", "--profile", "rtx3060-12g", "--tokens", "6"]
     slots = {}
-    for experts in ("bf16", "int4"):
+    for experts, name in (("bf16", "unquantized"), ("int4", "int4-g32")):
         result = CliRunner().invoke(main, args + ["--experts", experts])
         assert result.exit_code == 0, result.output
-        assert f"{experts} experts" in result.output.splitlines()[0]
+        assert f"{name} experts" in result.output.splitlines()[0]
         slots[experts] = int(result.output.splitlines()[-1].split()[-2].split("/")[0])
     assert slots["int4"] > 2 * slots["bf16"]  # 24 bf16 slots in one pool; int4 fills 2 per layer
     result = CliRunner().invoke(main, args + ["--experts", "int3", "--table"])
     assert result.exit_code != 0 and "is not a format; use int8, int4" in result.output
+
+
+def test_gpt_oss_is_simulated_in_mxfp4_as_shipped_and_never_on_the_cpu():
+    """The shape's own format by default (MXFP4, read as released); like the runtime, no CPU experts
+    for a format the CPU would dequantize on every call, while int4 (a weight-only kernel) may use them."""
+    import numpy as np
+
+    from offload.predictors.trace import Trace
+
+    rng = np.random.default_rng(0)
+    topk = np.stack([np.stack([rng.choice(32, 4, replace=False) for _ in range(4)]) for _ in range(16)])  # [T, L, K]
+    probs = np.zeros((16, 4, 32), dtype=np.float32)
+    np.put_along_axis(probs, topk, 0.25, axis=2)
+    trace = Trace(np.arange(16), topk, np.full(topk.shape, 0.25, np.float32), probs, np.array([0]), None, {})
+    cfg, hw = load_shape("gpt-oss-20b"), load_profile("rtx3060-12g")
+    budget = dict(gpu_memory=4 << 30, cpu_memory=4 << 30)  # 3.35 GiB of resident weights
+    mxfp4 = simulate(trace, hw, cfg, experts=sim.shape_format("gpt-oss-20b"), **budget)
+    int4 = simulate(trace, hw, cfg, experts=sim.shape_format("gpt-oss-20b", "int4"), **budget)
+    assert mxfp4.placement.expert_format == "mxfp4" and int4.placement.expert_format == "int4-g32"
+    assert mxfp4.placement.expert_bytes == sim.shape_format("gpt-oss-20b").nbytes  # 4.25 bits per weight
+    assert mxfp4.cpu_share == 0 and int4.cpu_share > 0
