@@ -7,9 +7,9 @@ The engine and the resident executor call only this, so they never branch on
 formats. What each computes is down(act(gate(x)) * up(x)):
 
   dense               F.linear in the compute dtype
-  int8, CPU           torch._weight_int8pack_mm (bf16 activations) below DEQUANT_TOKENS tokens
+  int8, CPU           torch._weight_int8pack_mm (bf16 activations) below DEQUANT_TOKENS["int8"] tokens
   int4, CPU           torch._weight_int4pack_mm_for_cpu (bf16 activations, the slot's nibbles as read
-                      from disk) below DEQUANT_TOKENS tokens
+                      from disk) below DEQUANT_TOKENS["int4"] tokens
   quantized, else     dequantize into the compute dtype, then F.linear: the GPU path for now (any
                       CUDA card, the T4 included), prefill-sized batches on the CPU (where bf16 GEMMs
                       beat the weight-only kernels), and a torch whose int4 packing changed
@@ -33,12 +33,13 @@ from .quant import INT4_BLOCK, pack_int4
 
 Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
 # From this many tokens per expert on, the CPU dequantizes and runs bf16/fp32 GEMMs: the weight-only
-# kernels win at batch 1 (2-3x over bf16) and lose at prefill sizes, from about 64 tokens for int8 and
-# 256 for int4, whose dequantization costs more (expert 1024 x 3584, 1 thread, medians of 7 in
-# scripts/bench_cpu_experts.py --formats: int8 weight-only / dequant 9.0 / 6.8 ms at 64 tokens,
-# 2.7 / 4.8 at 16; int4 12.9 / 84 at 64, 16.8 / 51 at 128, 51 / 37 at 256). A whole number applies
-# to every format (tests set 1 to force the dequantize path).
-DEQUANT_TOKENS: dict[str, int] | int = {"int8": 64, "int4": 256}
+# kernels win at batch 1 (int8 2.0x, int4 3.7x faster than a bf16 expert) and lose at prefill sizes,
+# int4 much later, its dequantization costing more. Expert 1024 x 3584, medians of 15 (scripts/
+# bench_cpu_experts.py --formats int8,int4 --threads 1 / 2), weight-only vs dequantize ms at 1 thread:
+# int8 2.6 / 4.8 at 16 tokens, 9.0 / 7.0 at 64; int4 33.8 / 57.0 at 256, 84.9 / 85.3 at 640, 100.0 /
+# 90.5 at 768 (2 threads: int8 4.7 / 4.0 at 64; int4 42.3 / 52.0 at 640, 51.4 / 45.6 at 768).
+# A whole number applies to every format (tests set 1 to force the dequantize path).
+DEQUANT_TOKENS: dict[str, int] | int = {"int8": 64, "int4": 768}
 
 
 def dense_ffn(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable,
@@ -56,7 +57,7 @@ def split_gate_up(gate_up: torch.Tensor, interleaved: bool) -> tuple[torch.Tenso
 
 def dequant_tokens(kind: str) -> int:
     """Tokens per expert from which a `kind` expert is dequantized on the CPU (DEQUANT_TOKENS)."""
-    return DEQUANT_TOKENS if isinstance(DEQUANT_TOKENS, int) else DEQUANT_TOKENS[kind]
+    return DEQUANT_TOKENS if isinstance(DEQUANT_TOKENS, int) else DEQUANT_TOKENS.get(kind, 0)
 
 
 def dequantize(fmt: ExpertFormat, packed: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -257,3 +257,12 @@ def test_io_pool_follows_the_cores_this_process_may_use():
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert IO_THREADS == min(4, max(2, cores))
+
+
+def test_dequant_threshold_per_format_or_one_for_all(monkeypatch):
+    import offload.kernels as kernels
+
+    assert kernels.dequant_tokens("int8") < kernels.dequant_tokens("int4")
+    assert kernels.dequant_tokens("mxfp4") == 0  # no weight-only kernel: always dequantized
+    monkeypatch.setattr(kernels, "DEQUANT_TOKENS", 1)
+    assert kernels.dequant_tokens("int8") == kernels.dequant_tokens("int4") == 1
