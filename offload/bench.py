@@ -148,7 +148,7 @@ def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, int
 # ---- what the kernel saw: storage reads and run-queue waits -----------------------
 
 def parse_proc_io(text: str) -> dict[str, int]:
-    """/proc/<pid>/io ("rchar: 123\nread_bytes: 4096\n...") -> {field: value}."""
+    """The text of /proc/<pid>/io, one "name: value" a line -> {name: value}."""
     out = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -169,8 +169,8 @@ def process_read_bytes(path: str = "/proc/self/io") -> int:
 
 def parse_schedstat(text: str) -> tuple[int, int]:
     """/proc/.../schedstat ("on-cpu ns, run-queue wait ns, timeslices") -> (on-cpu ns, wait ns)."""
-    fields = text.split()
-    return int(fields[0]), int(fields[1])
+    parts = text.split()
+    return int(parts[0]), int(parts[1])
 
 
 def thread_schedstats(task_dir: str = "/proc/self/task") -> dict[int, tuple[int, int]]:
@@ -636,8 +636,8 @@ def report(results: list[CaseResult], echo=print) -> None:
          "MB disk/tok: expert bytes the engine counted as read; MB read/tok: what the process read from storage "
          "(/proc/self/io read_bytes, readahead included). runq wait: time all threads waited for a core, on-CPU: "
          "time they ran, both summed over threads over wall time; CPU ms/tok: that CPU time per new token (prefill "
-         "included). io: the I/O pool; drop: expert reads drop their pages from the page cache. RSS added: peak RSS less the baseline, what loading and running added over "
-         "the bare interpreter with torch.)")
+         "included). io: the I/O pool; drop: expert reads drop their pages from the page cache. RSS added: peak RSS "
+         "less the baseline, what loading and running added over the bare interpreter with torch.)")
     base = {r.format: r.tokens_per_second for r in results if r.name == "a: resident"}
     for r in results:
         resident = base.get(r.format)

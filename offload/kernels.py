@@ -33,11 +33,11 @@ from .quant import INT4_BLOCK, pack_int4
 
 Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
 # From this many tokens per expert on, the CPU dequantizes and runs bf16/fp32 GEMMs: the weight-only
-# kernels win at batch 1 (int8 2.0x, int4 3.7x faster than a bf16 expert) and lose at prefill sizes,
-# int4 much later, its dequantization costing more. Expert 1024 x 3584, medians of 15 (scripts/
-# bench_cpu_experts.py --formats int8,int4 --threads 1 / 2), weight-only vs dequantize ms at 1 thread:
-# int8 2.6 / 4.8 at 16 tokens, 9.0 / 7.0 at 64; int4 33.8 / 57.0 at 256, 84.9 / 85.3 at 640, 100.0 /
-# 90.5 at 768 (2 threads: int8 4.7 / 4.0 at 64; int4 42.3 / 52.0 at 640, 51.4 / 45.6 at 768).
+# kernels win at batch 1 (int8 2.0x, int4 3.4-3.7x faster than a bf16 expert) and lose at prefill
+# sizes, int4 much later, its dequantization costing more. Expert 1024 x 3584, medians of 15 (scripts/
+# bench_cpu_experts.py --formats bf16,int8,int4 --threads 1 / 2), weight-only vs dequantize ms at
+# 1 thread: int8 2.6 / 4.6 at 16 tokens, 9.0 / 6.9 at 64; int4 34.1 / 50.8 at 256, about even at 640,
+# 102.0 / 84.3 at 768; at 2 threads: int8 4.9 / 4.2 at 64; int4 17.2 / 20.3 at 256, 51.0 / 47.0 at 768.
 # A whole number applies to every format (tests set 1 to force the dequantize path).
 DEQUANT_TOKENS: dict[str, int] | int = {"int8": 64, "int4": 768}
 
@@ -75,11 +75,12 @@ def _int4_transposed(q: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> t
     row of scales, so the scales broadcast instead of being repeated to [N, K]. The arithmetic is
     dequantize_int4's, (q - 8) * scale + zero with each step rounded to `dtype`, done in fp32
     (where bf16 and fp16 ops run anyway; a product of a nibble and a bf16 scale is exact there):
-    3-6x faster than dequantize_int4 for an expert of 1024 x 3584 at one thread, same bits."""
+    same bits, about 3x faster: a 1024 x 3584 expert's dequantize path took 128 ms with
+    dequantize_int4 and takes 40-46 ms with this (bf16, one thread, scripts/bench_cpu_experts.py)."""
     n, half = q.shape
     k, groups = 2 * half, sz.shape[0]
     blocks = q.view(n // INT4_BLOCK, k, INT4_BLOCK // 2).transpose(0, 1)  # [K, N/64, 32]: row j low, j+32 high
-    wt = torch.empty(k, n // INT4_BLOCK, 2, INT4_BLOCK // 2, dtype=torch.float32)  # W^T [K, N]
+    wt = torch.empty(k, n // INT4_BLOCK, 2, INT4_BLOCK // 2, dtype=torch.float32, device=q.device)  # W^T [K, N]
     wt[:, :, 0] = blocks & 0xF
     wt[:, :, 1] = blocks >> 4
     w = wt.view(groups, k // groups, n).sub_(8)  # [K/g, g, N]

@@ -86,7 +86,6 @@ def machine_bounds(dtype=torch.bfloat16) -> tuple[float, float]:
     """(memory read bandwidth in bytes/s, GEMM peak in FLOP/s) as measured here."""
     big = torch.ones(128 << 20, dtype=torch.float32)  # 512 MiB
     read_bw = big.numel() * 4 / median_seconds(lambda: big.sum(), 5)  # bytes read per second
-    del big
     a = torch.randn(2048, 2048).to(dtype)
     peak = 2 * 2048**3 / median_seconds(lambda: a @ a, 5)
     return read_bw, peak
@@ -228,7 +227,7 @@ def formats_table(h: int, i: int, names: list[str], tokens: list[int], repeats: 
             print(line + f" {roof(dense_bytes):13.1f} {roof(fmt.nbytes):12.1f}")
         if fmt.quantized:
             found[fmt.name] = crossover(tokens, wo_times, dq_times)
-        del experts
+        experts = None  # free this format's rotation before the next one is made
     for name, n in found.items():
         print(f"{name}: dequantize+GEMM beats the weight-only kernel from "
               + (f"{n} tokens per expert on" if n else f"no token count measured (up to {tokens[-1]})"))
