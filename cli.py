@@ -277,10 +277,12 @@ def trace(model, prompts, out, hidden, device):
         raise OffloadError(f"{prompts} is not UTF-8 text ({exc}); convert it, e.g. with iconv -t utf-8") from None
     if not lines:
         raise OffloadError(f"{prompts} has no non-empty line")
-    target = os.path.realpath(out)  # through a symlink: the trace goes where it points, not beside the link
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise OffloadError(f"{out} already exists and is not an empty directory; choose another --out")
-    out = target
+    from pathlib import Path
+
+    from offload.writer import check_new_directory
+
+    out = os.path.realpath(out)  # through a symlink: the trace goes where it points, not beside the link
+    check_new_directory(Path(out))  # before the model is loaded and run
     with offload.load(model, device=device, predictor="none") as llm:
         recorded = llm.trace(lines, hidden=hidden, progress=True)
         save_trace(recorded, out, {"model": str(llm.path), "architecture": llm.config.family.architecture,

@@ -30,7 +30,7 @@ PACKED = "experts.packed"  # per MoE layer: uint8 [E, bytes per expert], row e =
 
 def check_new_directory(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OffloadError(f"{out} already exists and is not an empty directory; choose a new --out "
+        raise OffloadError(f"{out} already exists and is not empty (or is a file); choose a new --out "
                            "(nothing was written)")
 
 

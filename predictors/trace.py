@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from offload.errors import OffloadError
-from offload.writer import as_umask_allows
+from offload.writer import check_new_directory, staged_directory
 
 FORMAT = "offload-trace/1"
 
@@ -135,12 +134,11 @@ def _complete(t: dict, header: dict, path) -> Trace:
 
 
 def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
-    """Write atomically: a temp directory renamed over nothing (an existing path is an error)."""
+    """Write atomically: a temp directory renamed over nothing (an existing non-empty path is an error)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise OffloadError(f"{path} already exists and is not empty; choose another --out")
+    check_new_directory(path)  # before the work below, not only when staging
     tensors = {
         "token_ids": trace.token_ids.astype(np.int32),
         "topk_ids": trace.topk_ids.astype(np.int16),
@@ -168,14 +166,9 @@ def save_trace(trace: Trace, path: str | os.PathLike, header: dict) -> None:
         },
         **header,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    save_file(tensors, str(tmp / "trace.safetensors"))
-    (tmp / "header.json").write_text(json.dumps(full, indent=2))
-    as_umask_allows(tmp)
-    if path.exists():
-        path.rmdir()
-    tmp.rename(path)
+    with staged_directory(path) as tmp:  # all or nothing, as model directories are written
+        save_file(tensors, str(tmp / "trace.safetensors"))
+        (tmp / "header.json").write_text(json.dumps(full, indent=2))
 
 
 class TraceRecorder:
