@@ -20,6 +20,7 @@ ExpertId = tuple[int, int]
 
 class Policy:
     name = "base"
+    observes = False  # whether `observe` is used: the engine reads the router probabilities back only then
 
     def access(self, key: ExpertId) -> None:
         pass
@@ -93,6 +94,7 @@ class Score(Policy):
     every step of its layer (0 when outside the top-p mass); evict the lowest S."""
 
     name = "score"
+    observes = True
 
     def __init__(self, alpha: float = 0.3, top_p: float = 0.9):
         self.alpha, self.top_p = alpha, top_p

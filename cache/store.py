@@ -274,3 +274,7 @@ class SlotPool:
     @property
     def nbytes(self) -> int:
         return self.data.numel()
+
+    @property
+    def slots(self) -> int:
+        return self.data.shape[0]

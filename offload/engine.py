@@ -34,8 +34,9 @@ from .cache.policy import make_policy
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
 from .errors import OffloadError
-from .experts import ACT, accumulate, contribution, gating
+from .experts import ACT, gating
 from .formats import ExpertFormat
+from .grouped import HostTransfers, combine, grouped_kernel, host_offsets, route
 from .kernels import expert_kernel
 from .placement import Placement
 from .prefetch import Prefetcher
@@ -65,7 +66,8 @@ class OffloadedExperts:
         self.recording, self.events = False, None
         self.expert_bytes = placement.expert_bytes  # fmt.nbytes: what one fetch moves
         act, glu = ACT[cfg.hidden_act], gating(cfg)
-        self.kernel = expert_kernel(fmt, device, act, glu)
+        self.num_experts = cfg.num_experts
+        self.grouped = grouped_kernel(fmt, device, expert_kernel(fmt, device, act, glu), act, glu)
         self.cpu_kernel = expert_kernel(fmt, torch.device("cpu"), act, glu)  # CPU experts beside a GPU
         self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files(), drop_cache=drop_page_cache)
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-io")
@@ -83,7 +85,11 @@ class OffloadedExperts:
             self.host_pool = SlotPool(placement.host_slots, fmt, torch.device("cpu"), pin=self.gpu)
             self.host_cache = ExpertCache(placement.host_slots, make_policy(policy), self.layers, split)
             self.host_busy: set = set()  # host slots being filled, copied from or computed from
-            self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts")
+            # A new thread's OpenMP pool starts at every core whatever torch.set_num_threads said on the
+            # main thread, and a GEMM splits its rows by the thread count: the same count, the same bits.
+            self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts",
+                                                 initializer=torch.set_num_threads,
+                                                 initargs=(torch.get_num_threads(),))
         if self.gpu:
             self.copy_stream = torch.cuda.Stream(device)
             # Per GPU slot: recorded on the compute stream after the last kernel that read it.
@@ -127,10 +133,11 @@ class OffloadedExperts:
               probs: torch.Tensor | None) -> torch.Tensor:
         events = self.events  # None unless a decode step's timeline is being recorded
         begin = time.perf_counter() if events is not None else 0.0
-        experts = torch.unique(ids).tolist()
         counters = self.stats[layer]
-        if probs is not None:
-            self.cache.policy.observe(layer, probs.mean(dim=0).tolist())
+        chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
+        experts = np.unique(chosen).tolist()
+        if mean_probs is not None:
+            self.cache.policy.observe(layer, mean_probs)
         keys = [(layer, e) for e in experts]
         for key in keys:
             self.cache.policy.access(key)
@@ -138,8 +145,11 @@ class OffloadedExperts:
         missing = [e for e in experts if (layer, e) not in self.cache]
         counters.hits += len(present)
         counters.misses += len(missing)
-        on_cpu = self._choose_cpu(layer, ids, missing) if self.decide is not None and missing else []
-        cpu_parts = self._start_cpu_experts(layer, hidden, ids, weights, on_cpu, counters)
+        on_cpu = self._choose_cpu(layer, chosen, missing) if self.decide is not None and missing else []
+        routes = rows = x = None
+        if on_cpu or not self.grouped.fused:
+            routes, rows, x = self._by_expert(hidden, ids, weights, chosen)
+        cpu_parts = self._start_cpu_experts(layer, x, rows, on_cpu, counters)
         pending = deque(e for e in missing if e not in cpu_parts)
         self._forget_finished_prefetches()
         needed = set(keys)  # what this step has yet to compute
@@ -154,26 +164,31 @@ class OffloadedExperts:
                 slot = self._admit((layer, e), busy())
                 inflight.append((e, slot, self._fetch(layer, e, slot)))
 
-        parts = {}
         issue()
         if self.prefetch is not None:
-            chosen = ids.cpu().numpy()
             self.prefetch.settle(self.pos[layer], set(experts), set(present), counters)
             for target, wanted in self.prefetch.plan(self.pos[layer], hidden, self.tokens, chosen).items():
                 target_layer = self.layers[target]
                 self._prefetch(target_layer, wanted, busy(), self.stats[target_layer])
+        if self.grouped.fused and not cpu_parts and not pending:  # every expert has its slot: one call
+            out = self._fused(layer, hidden, ids, weights, present, inflight, counters)
+            if events is not None:
+                events.append(Event(layer, "layer", begin, time.perf_counter()))
+            return out
+
+        # Per expert, in arrival order, each into its rows of y.
+        if routes is None:
+            routes, rows, x = self._by_expert(hidden, ids, weights, chosen)
+        y = torch.empty_like(x)
         for e in present:
             self._await_prefetch((layer, e), counters)
-            start = time.perf_counter() if events is not None else 0.0
-            parts[e] = self._compute(hidden, ids, weights, e, self.cache.lookup((layer, e)))
-            if events is not None:
-                events.append(Event(layer, "compute", start, time.perf_counter(), e))
+            self._compute(layer, x, y, rows(e), e, self.cache.lookup((layer, e)))
             needed.discard((layer, e))
             issue()
         while inflight or pending:
             if not inflight:  # the host slots are held by CPU experts or prefetches: let one finish
                 if cpu_parts:
-                    self._collect_cpu(layer, cpu_parts, parts, hidden.device, counters)
+                    self._collect_cpu(layer, cpu_parts, y, rows, counters)
                 elif self.prefetching:  # wrong guesses still being read into this layer's slots
                     next(iter(self.prefetching.values())).result()
                     self._forget_finished_prefetches()
@@ -183,62 +198,102 @@ class OffloadedExperts:
                 continue
             e, slot, future = inflight.popleft()
             self._await(future, counters, (layer, e))
-            start = time.perf_counter() if events is not None else 0.0
-            parts[e] = self._compute(hidden, ids, weights, e, slot)
-            if events is not None:
-                events.append(Event(layer, "compute", start, time.perf_counter(), e))
+            self._compute(layer, x, y, rows(e), e, slot)
             needed.discard((layer, e))
             issue()
         while cpu_parts:
-            self._collect_cpu(layer, cpu_parts, parts, hidden.device, counters)
-        out = accumulate(hidden, parts)
+            self._collect_cpu(layer, cpu_parts, y, rows, counters)
+        out = combine(routes, y, hidden.dtype)
         if events is not None:  # the whole expert step of this layer, bookkeeping included
             events.append(Event(layer, "layer", begin, time.perf_counter()))
         return out
 
+    def _by_expert(self, hidden, ids, weights, chosen):
+        """Rows grouped by expert id (offsets computed on the host from `chosen`): the routes, each
+        expert's rows as a slice, and the rows' activations x [M, H]."""
+        routes = route(ids, weights, self.num_experts)
+        ends = host_offsets(chosen, self.num_experts).tolist()
+
+        def rows(e: int) -> slice:
+            return slice(ends[e - 1] if e else 0, ends[e])
+
+        return routes, rows, hidden[routes.tokens]
+
+    def _read_routing(self, ids: torch.Tensor, probs: torch.Tensor | None) -> tuple[np.ndarray, list | None]:
+        """The chosen experts [N, K] on the host, and the mean router probabilities [E] when the cache
+        policy observes them: one transfer (a GPU's one sync in an offloaded layer)."""
+        if probs is None or not self.cache.policy.observes:
+            return HostTransfers.read(ids), None
+        both = HostTransfers.read(torch.cat([ids.reshape(-1).to(probs.dtype), probs.mean(dim=0)]))
+        return both[:ids.numel()].astype(np.int64).reshape(ids.shape), both[ids.numel():].tolist()
+
+    def _fused(self, layer, hidden, ids, weights, present, inflight, counters) -> torch.Tensor:
+        """Every expert of the step is in (or on its way to) a slot: wait for the copies, then one
+        grouped call over the whole slot pool, rows grouped by slot."""
+        for e in present:
+            self._await_prefetch((layer, e), counters)
+        for e, _, future in inflight:
+            self._await(future, counters, (layer, e))
+        slot_of = np.zeros(self.num_experts, dtype=np.int64)  # expert -> its slot (others unused)
+        for e in present:
+            slot_of[e] = self.cache.lookup((layer, e))
+        for e, slot, _ in inflight:
+            slot_of[e] = slot
+        used = [int(slot_of[e]) for e in present] + [slot for _, slot, _ in inflight]
+        start = time.perf_counter() if self.events is not None else 0.0
+        routes = route(ids, weights, self.pool.slots, torch.from_numpy(slot_of).to(hidden.device))
+        y = self.grouped.all(hidden[routes.tokens], self.pool.data, routes.offs)
+        if self.gpu:  # the next copy into any of these slots waits for this call
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            for slot in used:
+                self.slot_released[slot] = event
+        if self.events is not None:
+            self.events.append(Event(layer, "compute", start, time.perf_counter()))
+        return combine(routes, y, hidden.dtype)
+
     # ---- experts computed on the CPU, where their weights already are ------------
 
-    def _choose_cpu(self, layer: int, ids: torch.Tensor, missing: list[int]) -> list[int]:
+    def _choose_cpu(self, layer: int, chosen: np.ndarray, missing: list[int]) -> list[int]:
         from .scheduler import ExpertWork
 
-        counts = torch.bincount(ids.flatten(), minlength=max(missing) + 1).tolist()
+        counts = np.bincount(chosen.reshape(-1), minlength=max(missing) + 1).tolist()
         work = [ExpertWork(e, counts[e], "host" if (layer, e) in self.host_cache else "disk") for e in missing]
         plan = self.decide(work)
         return [e for e in missing if plan.get(e) == "cpu"]
 
-    def _start_cpu_experts(self, layer, hidden, ids, weights, on_cpu, counters) -> dict[int, Future]:
+    def _start_cpu_experts(self, layer, x, rows, on_cpu, counters) -> dict[int, Future]:
         """Start the chosen experts on the CPU worker, as many as host slots allow (the rest are fetched)."""
         if not on_cpu:
             return {}
-        # One copy of the activations to the host for all of this layer's CPU experts.
-        host = [t.to("cpu") for t in (hidden, ids, weights)]
+        host = x.to("cpu")  # [M, H]: one copy of the routed rows to the host for all of this layer's CPU experts
         futures = {}
         for e in on_cpu:
             if not self._host_room((layer, e)):
                 continue
             host_slot, from_disk = self._host_slot((layer, e), counters)
             counters.experts_on_cpu += 1
-            future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, *host,
+            future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, host[rows(e)],
                                             events=self.events)
             future.host_slot = host_slot
             self.outstanding[future] = (None, (layer, e))
             futures[e] = future
         return futures
 
-    def _collect_cpu(self, layer: int, cpu_parts: dict, parts: dict, device, counters) -> None:
+    def _collect_cpu(self, layer: int, cpu_parts: dict, y: torch.Tensor, rows, counters) -> None:
         e = next(iter(cpu_parts))
         start = time.perf_counter()
         future = cpu_parts.pop(e)
-        token, y = future.result()  # the CPU experts ran beside the device's work
+        part = future.result()  # the CPU experts ran beside the device's work
         end = time.perf_counter()
         counters.stall_seconds += end - start
         if self.events is not None:
             self.events.append(Event(layer, "stall", start, end, e))
         self._release(future)
-        parts[e] = (token.to(device), y.to(device))
+        y[rows(e)] = part.to(y.device)
 
-    def _cpu_expert(self, layer, expert, host_slot, from_disk, hidden, ids, weights, events=None):
-        """CPU worker thread: read the expert into its host slot if needed, then compute it there."""
+    def _cpu_expert(self, layer, expert, host_slot, from_disk, x, events=None):
+        """CPU worker thread: read the expert into its host slot if needed, then compute its rows x [n, H] there."""
         if from_disk:
             self._host_ready(host_slot)
             start = time.perf_counter() if events is not None else 0.0
@@ -246,7 +301,7 @@ class OffloadedExperts:
             if events is not None:
                 events.append(Event(layer, "read", start, time.perf_counter(), expert))
         start = time.perf_counter() if events is not None else 0.0
-        part = contribution(hidden, ids, weights, expert, self.host_pool[host_slot], self.cpu_kernel)
+        part = self.cpu_kernel(x, self.host_pool[host_slot])  # [n, H]
         if events is not None:
             events.append(Event(layer, "cpu", start, time.perf_counter(), expert))
         return part
@@ -302,14 +357,17 @@ class OffloadedExperts:
                 if self.gpu:
                     self.copy_done[key] = ready  # still needed to order the first use after the copy
 
-    def _compute(self, hidden, ids, weights, expert: int, slot: int):
-        part = contribution(hidden, ids, weights, expert, self.pool[slot], self.kernel)
+    def _compute(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: slice, expert: int, slot: int) -> None:
+        """One expert's rows of x [M, H] into the same rows of y, from its compute slot."""
+        start = time.perf_counter() if self.events is not None else 0.0
+        y[rows] = self.grouped.group(x[rows], self.pool[slot])
         if self.gpu:
             # The next copy into this slot must wait for the kernels just queued.
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self.slot_released[slot] = event
-        return part
+        if self.events is not None:
+            self.events.append(Event(layer, "compute", start, time.perf_counter(), expert))
 
     # ---- fetching ----------------------------------------------------------
 

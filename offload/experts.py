@@ -4,8 +4,8 @@ The MoE block routes tokens and hands the expert work to an `ExpertExecutor`:
 `executor(layer, hidden [N, H], ids [N, K], weights [N, K], probs) -> [N, H]`.
 `ResidentExperts` keeps every expert on the compute device; the offloaded
 engine (offload/engine.py) implements the same call with caches and a tiered
-store. Both use `contribution` and `accumulate`, so their arithmetic (and
-output) is identical.
+store. Both route, compute and combine through offload/grouped.py, so their
+arithmetic (and output) is identical.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .formats import ExpertFormat
-from .kernels import Kernel, expert_kernel
+from .grouped import GroupedKernel, HostTransfers, combine, grouped_kernel, route
+from .kernels import expert_kernel
 from .stats import ExpertStats
 
 ACT = {
@@ -39,37 +40,12 @@ class ExpertExecutor(Protocol):
         """hidden [N, H], ids and weights [N, K], router probs [N, E] -> [N, H]."""
 
 
-def contribution(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert: int,
-                 packed: tuple, kernel: Kernel) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens routed to `expert` and weight * expert(x) for them: ([n], [n, H]).
-
-    hidden [N, H]; ids, weights [N, K]; `packed` is the expert in its format, `kernel` the
-    format's FFN (offload/kernels.py). Tokens are gathered in (k slot, token) order, as
-    transformers does. The intermediates are allocated per call: a preallocated workspace
-    measured 1-8% slower at 1-64 tokens on the CPU (scripts/bench_cpu_experts.py keeps it,
-    to measure again elsewhere)."""
-    k_slot, token = torch.where(ids.T == expert)  # [n], [n]
-    y = kernel(hidden[token], packed)  # [n, H]
-    return token, y * weights[token, k_slot, None]
-
-
-def accumulate(hidden: torch.Tensor, parts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Sum the experts' contributions in ascending expert order, whatever order
-    they were computed in, so every placement adds in the same order as the
-    resident model (and transformers) and the result is bit-identical."""
-    out = torch.zeros_like(hidden)  # [N, H]
-    for expert in sorted(parts):
-        token, y = parts[expert]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
-
-
 class ResidentExperts:
     """Every routed expert held on the compute device: per layer, one slot per expert."""
 
-    def __init__(self, pools: dict, kernel: Kernel, stats: ExpertStats | None = None):
+    def __init__(self, pools: dict, grouped: GroupedKernel, stats: ExpertStats | None = None):
         self.pools = pools  # layer -> SlotPool of E slots, in the model's expert format
-        self.kernel = kernel
+        self.grouped = grouped
         self.stats = stats or ExpertStats(pools)
 
     @classmethod
@@ -98,15 +74,20 @@ class ResidentExperts:
                         progress.update(n)
         finally:
             reader.close()
-        return cls(pools, expert_kernel(fmt, device, ACT[cfg.hidden_act], gating(cfg)), stats)
+        act, glu = ACT[cfg.hidden_act], gating(cfg)
+        return cls(pools, grouped_kernel(fmt, device, expert_kernel(fmt, device, act, glu), act, glu), stats)
 
     def __call__(self, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  probs: torch.Tensor | None = None) -> torch.Tensor:
         pool = self.pools[layer]
-        experts = torch.unique(ids).tolist()
-        self.stats[layer].hits += len(experts)  # resident: every request is a hit
-        parts = {e: contribution(hidden, ids, weights, e, pool[e], self.kernel) for e in experts}
-        return accumulate(hidden, parts)
+        routes = route(ids, weights, pool.slots)  # rows grouped by expert, on the device
+        x = hidden[routes.tokens]  # [M, H]
+        if self.grouped.fused:  # one grouped call over the layer's stack, no host sync
+            y = self.grouped.all(x, pool.data, routes.offs)
+        else:  # the format's kernel per expert, from the offsets read back once
+            y = self.grouped.loop(x, HostTransfers.read(routes.offs), pool.__getitem__)
+        self.stats.count_hits(layer, routes.offs)  # resident: every request is a hit
+        return combine(routes, y, hidden.dtype)  # [N, H]
 
     def nbytes(self) -> int:
         return sum(pool.nbytes for pool in self.pools.values())

@@ -138,6 +138,12 @@ class ExpertFormat:
         """A slot's bytes (uint8 [nbytes]) -> the pieces as tensors, in `pieces()` order."""
         return tuple(buf[at:at + size].view(dtype).view(shape) for at, dtype, shape, size in self._offsets)
 
+    def stacked_views(self, data: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A pool's bytes uint8 [S, nbytes] -> each piece of every slot, [S, *shape] (strided views,
+        no copy): what a grouped kernel (offload/grouped.py) takes."""
+        return tuple(data[:, at:at + size].view(dtype).view(data.shape[0], *shape)
+                     for at, dtype, shape, size in self._offsets)
+
     def read_targets(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Where a checkpoint's extents for one expert go: dense checkpoints keep gate, up and down
         apart on disk (three extents); a quantized directory stores the whole expert as one."""

@@ -99,21 +99,44 @@ class ExpertStats:
     def __init__(self, layers):
         self.layers = {layer: ExpertCounters() for layer in layers}
         self.timeline: Timeline | None = None  # set by the offloaded engine while it records
+        # Hits counted on the device (a resident executor never syncs to count): per layer, in
+        # `layers` order, added to the counters when they are read.
+        self.device_hits = None
+
+    def count_hits(self, layer: int, offs) -> None:
+        """A resident layer step's hits from its group offsets [E] (offload/grouped.py), on the device."""
+        import torch
+
+        if self.device_hits is None:
+            self.device_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=offs.device)
+            self.positions = {layer: i for i, layer in enumerate(self.layers)}
+        used = torch.diff(offs, prepend=offs.new_zeros(1)) > 0  # [E]: the experts with rows
+        self.device_hits[self.positions[layer]] += used.sum()
+
+    def _settle(self) -> None:
+        if self.device_hits is not None:
+            for layer, hits in zip(self.layers, self.device_hits.tolist()):  # the one sync, when read
+                self.layers[layer].hits += hits
+            self.device_hits = None  # a fresh one next time (this one may be an inference tensor)
 
     def __getitem__(self, layer: int) -> ExpertCounters:
+        self._settle()
         return self.layers[layer]
 
     def total(self) -> ExpertCounters:
+        self._settle()
         total = ExpertCounters()
         for counters in self.layers.values():
             total.add(counters)
         return total
 
     def reset(self) -> None:
+        self._settle()
         for layer in self.layers:
             self.layers[layer] = ExpertCounters()
 
     def as_dict(self) -> dict:
+        self._settle()
         return {"total": self.total().as_dict(), "layers": {str(k): v.as_dict() for k, v in self.layers.items()}}
 
 
