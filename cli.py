@@ -472,6 +472,40 @@ def profile(model, device, out, tmp_dir):
         click.echo(f"wrote {save_profile(measured, out)}")
 
 
+@main.command("check-gpu")
+@click.option("--dir", "workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the random checkpoints go (about 21 GB; kept for the next run). Default: a folder "
+                   "in the system's temp directory.")
+@click.option("--device", default="cuda", show_default=True, help="cuda or cuda:N (cpu with --tiny, for a dry run).")
+@click.option("--shapes", default="mixtral,128x8", show_default=True,
+              help="Comma-separated: mixtral (Mixtral-8x7B, 4 layers), 128x8 (Qwen3-30B-A3B's experts, 8 layers).")
+@click.option("--tokens", default=64, show_default=True, type=click.IntRange(4, 4096), help="Decode tokens per run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per figure (median).")
+@click.option("--no-accelerate", is_flag=True, help="Skip transformers + accelerate offloading (slow: ~1 tok/s).")
+@click.option("--tiny", is_flag=True, help="Tiny versions of the shapes: checks the command itself in seconds.")
+def check_gpu(workdir, device, shapes, tokens, repeats, no_accelerate, tiny):
+    """Decode speed on this GPU against transformers and the bandwidth bounds, on random checkpoints
+    of real shapes built on the GPU (scripts/gpu_check.sh runs this after the gpu-marked tests)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from offload.gpucheck import SHAPES, check
+
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown or not names:
+        raise click.UsageError(f"--shapes takes {', '.join(SHAPES)}; got {shapes!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError("no CUDA GPU here; run this on a machine with one (or --device cpu --tiny)")
+    if device == "cpu" and not tiny:
+        raise click.UsageError("--device cpu is for a dry run of the command: add --tiny")
+    where = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "moe-offload-gpu-check"
+    where.mkdir(parents=True, exist_ok=True)
+    check(where, device, tuple(names), tokens, repeats, accelerate=not no_accelerate, tiny=tiny, echo=click.echo)
+
+
 @main.command("eval-quality")
 @click.argument("model_a")
 @click.argument("model_b")

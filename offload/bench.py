@@ -88,61 +88,17 @@ class CaseResult:
 def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, intermediate: int = 3584,
                            experts: int = 8, top_k: int = 2, vocab: int = 32000, heads: int = 16,
                            kv_heads: int = 4, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """A random Mixtral-shaped checkpoint, one safetensors shard per layer, written
-    layer by layer (so memory stays at one layer) into a temp dir renamed at the end."""
-    from safetensors.torch import save_file
+    """The CPU benchmarks' random Mixtral-shaped checkpoint (offload/synthetic.py), 2.2 GB by default."""
+    from .synthetic import make_synthetic
 
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    tmp = path.with_name(path.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    head_dim = hidden // heads
-    std = 0.02
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * std).to(dtype)
-
-    weight_map = {}
-    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": rand(vocab, hidden),
-                                            "model.norm.weight": torch.ones(hidden, dtype=dtype),
-                                            "lm_head.weight": rand(vocab, hidden)})]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        tensors = {
-            p + "input_layernorm.weight": torch.ones(hidden, dtype=dtype),
-            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=dtype),
-            p + "self_attn.q_proj.weight": rand(heads * head_dim, hidden),
-            p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
-            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
-            p + "self_attn.o_proj.weight": rand(hidden, heads * head_dim),
-            # A larger router scale gives peaked, input-dependent routing, as trained models have.
-            p + "block_sparse_moe.gate.weight": (torch.randn(experts, hidden, generator=gen) * 0.5).to(dtype),
-        }
-        for e in range(experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            tensors[q + "w1.weight"] = rand(intermediate, hidden)
-            tensors[q + "w3.weight"] = rand(intermediate, hidden)
-            tensors[q + "w2.weight"] = rand(hidden, intermediate)
-        shards.append((f"model-layer{i:03d}.safetensors", tensors))
-    for name, tensors in shards:
-        save_file(tensors, tmp / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-        del tensors
     config = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "num_local_experts": experts, "num_experts_per_tok": top_k,
         "vocab_size": vocab, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}, "hidden_act": "silu",
-        "tie_word_embeddings": False, "dtype": str(dtype).replace("torch.", ""), "bos_token_id": 1,
-        "eos_token_id": 2,
     }
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tmp.rename(path)
-    return path
+    return make_synthetic(path, config, dtype=dtype, seed=seed)
 
 
 # ---- what the kernel saw: storage reads and run-queue waits -----------------------
