@@ -20,6 +20,7 @@ from .experts import ResidentExperts
 from .formats import parse_experts
 from .kernels import cpu_weight_only, kernel_name
 from .generate import DecodeLoop, TextStream, check_prompts
+from .graphs import static_decode, usable
 from .models.decoder import MoECausalLM
 from .placement import fmt_bytes, page_cache_too_small, plan, resident_bytes
 from .predictors.affinity import AffinityPredictor
@@ -114,6 +115,9 @@ class Runtime:
 
     def __init__(self, path: Path, options: RuntimeConfig):
         self.path, self.options = path, options
+        # Decode steps of a fully resident model on a GPU replay as one CUDA graph (offload/graphs.py);
+        # set False to run them eagerly (to compare, or where a capture misbehaves).
+        self.cuda_graphs = True
         self.checkpoint = Checkpoint(path)
         # Process-wide: CPU experts and everything else on the CPU (config.default_threads says why).
         torch.set_num_threads(options.threads or default_threads(self.checkpoint.config))
@@ -237,6 +241,12 @@ class Runtime:
             text += f"; {source['summary']}"
         if self.config.mla is not None:  # latent attention caches one compressed row per token
             text += f"; KV cache {self.config.kv_cache_bytes_per_token(self.dtype)} bytes per token (latent attention)"
+        if self.device.type == "cuda" and self.experts is not None:
+            grouped = getattr(self.experts, "grouped", None)
+            text += ("; experts in one grouped GEMM per layer" if grouped is not None and grouped.fused
+                     else "; experts one by one (no grouped GEMM for this format or GPU)")
+            if usable(self.model, self.experts, self.device):
+                text += "; decode as a CUDA graph" if self.cuda_graphs else "; CUDA graphs off"
         if self.profile is None:
             return text
         if self.placement.mode == "resident":
@@ -378,7 +388,9 @@ class Runtime:
     def _loop(self, rows, params) -> DecodeLoop:
         if self.experts is None:
             raise OffloadError("this runtime is closed; call offload.load() again")
-        return DecodeLoop(self.model, rows, params, self.eos_ids, self.device, self.dtype, self.pad_id)
+        graphs = self.cuda_graphs and usable(self.model, self.experts, self.device)
+        return DecodeLoop(self.model, rows, params, self.eos_ids, self.device, self.dtype, self.pad_id,
+                          static=static_decode(self.model, self.device), graphs=graphs)
 
     def _run(self, rows: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
         loop = self._loop(rows, params)

@@ -38,11 +38,15 @@ class DecodeLoop:
     """Iterate to get, per step, one token id (or None once a row has finished) per prompt."""
 
     def __init__(self, model: MoECausalLM, prompts: list[list[int]], params: SamplingParams,
-                 eos_ids: set[int], device: torch.device, dtype: torch.dtype, pad_id: int = 0):
+                 eos_ids: set[int], device: torch.device, dtype: torch.dtype, pad_id: int = 0,
+                 static: bool = False, graphs: bool = False):
         cfg = model.cfg
         check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings)
         self.model, self.prompts, self.params = model, prompts, params
         self.eos_ids, self.device, self.dtype, self.pad_id = eos_ids, device, dtype, pad_id
+        # Decode with the static KV cache (offload/graphs.py says when), replayed as a CUDA graph if `graphs`.
+        self.static, self.graphs = static or graphs, graphs
+        self.graph = None  # the DecodeGraph of the last run, if any (its `failed` says why it stayed eager)
         longest = max(len(p) for p in prompts)
         # Generation stops at the end of the context window, whatever max_new_tokens says.
         self.max_new = min(params.max_new_tokens, cfg.max_position_embeddings - longest)
@@ -72,6 +76,12 @@ class DecodeLoop:
 
         start = time.perf_counter()
         logits = self.model(ids, positions, valid, cache, last_only=True)[:, -1]  # [B, V]
+        if self.static:
+            cache.make_static()
+        if self.graphs:
+            from .graphs import DecodeGraph
+
+            self.graph = DecodeGraph(self.model, cache, b, self.device)
         for step in range(self.max_new):
             finite = torch.isfinite(logits).all(dim=-1)  # [B]
             try:
@@ -101,7 +111,10 @@ class DecodeLoop:
             yield out
             if all(self.done) or step == self.max_new - 1:
                 break
-            logits = self.model(tokens[:, None], next_pos, ones, cache, last_only=True)[:, -1]
+            if self.graph is not None:
+                logits = self.graph.step(tokens, next_pos)
+            else:
+                logits = self.model(tokens[:, None], next_pos, ones, cache, last_only=True)[:, -1]
             next_pos = next_pos + 1
         if self.max_new < self.params.max_new_tokens:
             for row in range(b):

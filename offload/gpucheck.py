@@ -80,12 +80,12 @@ def prompt_ids(vocab: int, n: int = 16) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def ours(path: Path, device: torch.device, new: int, repeats: int, **options) -> tuple[float, float, object]:
+def ours(path: Path | object, device: torch.device, new: int, repeats: int, **options) -> tuple[float, float, object]:
     """Decode tok/s (median) of this runtime, the expert bytes a decode token moved (median; an
-    (n+1)-token run's bytes less a 1-token run's, over n), and the runtime."""
+    (n+1)-token run's bytes less a 1-token run's, over n), and the runtime (`path` may be one)."""
     import offload
 
-    llm = offload.load(path, device=str(device), **options)
+    llm = offload.load(path, device=str(device), **options) if isinstance(path, Path) else path
     prompt = prompt_ids(llm.model.cfg.vocab_size)
 
     def moved(n: int):
@@ -167,7 +167,12 @@ def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 
         floor = hbm / 2 / weight_bytes_per_token(llm)  # reading the weights once, at half the copy's bytes
         resident_bytes, expert_bytes, total = (llm.placement.resident_bytes, llm.placement.expert_bytes,
                                                llm.placement.total_experts)
-        rows.append(Row(shape, "ours, resident", speed, floor, f"{speed / hf:.2f}x transformers"))
+        rows.append(Row(shape, "ours, resident", speed, floor, f"{speed / hf:.2f}x transformers; "
+                        + llm.describe().split("; ", 2)[-1]))
+        if dev.type == "cuda":
+            llm.cuda_graphs = False
+            eager, _, _ = ours(llm, dev, new, repeats)
+            rows.append(Row(shape, "ours, resident, CUDA graphs off", eager, floor, f"{eager / hf:.2f}x transformers"))
         llm.close()
         del llm
         free(dev)

@@ -147,10 +147,11 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this torch and device run grouped_mm in `dtype` (CUDA: sm80+ and bf16 today)."""
     if _grouped_mm is None:
         return False
-    try:
-        x = torch.zeros(16, 16, dtype=dtype, device=device)
-        w = torch.zeros(2, 16, 16, dtype=dtype, device=device)
-        _grouped_mm(x, w.transpose(-2, -1), offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
-        return True
+    try:  # weights as a slot pool holds them: [G, N, K] views into rows longer than one matrix
+        x = torch.ones(24, 64, dtype=dtype, device=device)
+        pool = torch.ones(3, 64 * 64 + 64, dtype=dtype, device=device)
+        w = pool[:, :64 * 64].view(3, 64, 64)
+        y = _grouped_mm(x, w.transpose(-2, -1), offs=torch.tensor([8, 8, 24], dtype=torch.int32, device=device))
+        return bool((y == 64).all())
     except (RuntimeError, NotImplementedError, TypeError):
         return False

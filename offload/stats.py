@@ -108,7 +108,8 @@ class ExpertStats:
         import torch
 
         if self.device_hits is None:
-            self.device_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=offs.device)
+            with torch.inference_mode(False):  # a normal tensor: zeroed in place when read, outside inference
+                self.device_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=offs.device)
             self.positions = {layer: i for i, layer in enumerate(self.layers)}
         used = torch.diff(offs, prepend=offs.new_zeros(1)) > 0  # [E]: the experts with rows
         self.device_hits[self.positions[layer]] += used.sum()
@@ -117,7 +118,7 @@ class ExpertStats:
         if self.device_hits is not None:
             for layer, hits in zip(self.layers, self.device_hits.tolist()):  # the one sync, when read
                 self.layers[layer].hits += hits
-            self.device_hits = None  # a fresh one next time (this one may be an inference tensor)
+            self.device_hits.zero_()  # in place: a captured CUDA graph keeps adding to this tensor
 
     def __getitem__(self, layer: int) -> ExpertCounters:
         self._settle()

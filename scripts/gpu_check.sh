@@ -12,7 +12,7 @@ fi
 export PYTHONUNBUFFERED=1
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" || exit 1
 mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
-python3 -m pytest -q -m gpu -p no:cacheprovider "${files[@]}"
+python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider "${files[@]}"
 tests=$?
 offload check-gpu "$@"
 check=$?

@@ -63,28 +63,62 @@ def test_combine_adds_each_tokens_experts_with_their_weights():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_groups_bits_do_not_depend_on_the_other_groups(dtype):
-    """The fused call's rows equal each group run alone and the per-expert loop's, bit for bit:
-    what lets offloaded runs (other slots, other groups per call) match resident ones."""
-    fmt = ExpertFormat("dense", 32, 24, dtype)
-    kernel = expert_kernel(fmt, torch.device("cpu"), torch.nn.functional.silu)
-    fused = grouped_kernel(fmt, torch.device("cpu"), kernel, torch.nn.functional.silu)
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.bfloat16, marks=needs_gpu)])
+def test_a_groups_bits_do_not_depend_on_the_other_groups(device, dtype):
+    """The fused call's rows equal each group run alone, bit for bit (and, on the CPU, the per-expert
+    loop's): what lets offloaded runs (other slots, other groups per call) match resident ones."""
+    dev, h, i = torch.device(device), 256, 128
+    fmt = ExpertFormat("dense", h, i, dtype)
+    kernel = expert_kernel(fmt, dev, torch.nn.functional.silu)
+    fused = grouped.GroupedKernel(fmt, kernel, torch.nn.functional.silu, None, fused=True)
     loop = grouped.GroupedKernel(fmt, kernel, torch.nn.functional.silu, None, fused=False)
-    if not fused.fused:  # the default on a CPU: force it
-        fused = grouped.GroupedKernel(fmt, kernel, torch.nn.functional.silu, None, fused=True)
-    pool = torch.randn(5, fmt.nbytes // fmt.dtype.itemsize).to(dtype).view(torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.zeros(5, fmt.nbytes, dtype=torch.uint8)
     for piece in fmt.stacked_views(pool):
-        piece.copy_(torch.randn(piece.shape) * 0.2)
-    x = torch.randn(12, 32).to(dtype)
-    offs = torch.tensor([3, 3, 7, 11, 12], dtype=torch.int32)
+        piece.copy_(torch.randn(piece.shape, generator=g) * 0.05)
+    pool = pool.to(dev)
+    x = torch.randn(40, h, generator=g).to(dtype).to(dev)
+    ends = [3, 3, 17, 39, 40]
+    offs = torch.tensor(ends, dtype=torch.int32, device=dev)
     views = [fmt.views(pool[s]) for s in range(5)]
     everything = fused.all(x, pool, offs)
-    assert torch.equal(everything, loop.loop(x, offs.tolist(), views.__getitem__))
-    for s, (a, b) in enumerate([(0, 3), (3, 3), (3, 7), (7, 11), (11, 12)]):
+    if dev.type == "cpu":
+        assert torch.equal(everything, loop.loop(x, ends, views.__getitem__))
+    for s, (a, b) in enumerate(zip([0] + ends[:-1], ends)):
         if b > a:
-            assert torch.equal(everything[a:b], fused.group(x[a:b], views[s]))
-            assert torch.equal(everything[a:b], kernel(x[a:b], views[s]))
+            assert torch.equal(everything[a:b], fused.group(x[a:b], views[s])), f"group {s} differs"
+    # Another call: slots 2 and 4 alone, as an offloaded layer whose other experts are elsewhere.
+    part = torch.cat([x[3:17], x[39:40]])
+    alone = fused.all(part, pool, torch.tensor([0, 0, 14, 14, 15], dtype=torch.int32, device=dev))
+    assert torch.equal(alone, torch.cat([everything[3:17], everything[39:40]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_resident_decode_step_never_syncs_on_the_gpu(model_dir):
+    """torch's sync debug mode raises at any device -> host wait inside a resident decode step."""
+    from offload.kv_cache import KVCache
+
+    path = model_dir("qwen3_moe", num_hidden_layers=3, dtype=torch.bfloat16)
+    llm = offload.load(path, device="cuda")
+    assert llm.experts.grouped.fused, "grouped_mm does not run here: the loop path syncs once per layer"
+    cfg, dev = llm.model.cfg, torch.device("cuda")
+    cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, 16, dev, torch.bfloat16)
+    ids = torch.tensor([[1, 5, 7, 9]], device=dev)
+    with torch.inference_mode():
+        llm.model(ids, torch.arange(4, device=dev)[None], torch.ones_like(ids, dtype=torch.bool), cache)
+        step = (torch.tensor([[11]], device=dev), torch.tensor([[4]], device=dev),
+                torch.ones(1, 1, dtype=torch.bool, device=dev))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            llm.model(*step, cache, last_only=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert llm.stats.hits > 0  # counted on the device, read here
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

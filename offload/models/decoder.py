@@ -259,9 +259,14 @@ def attention_mask(cache: KVCache, t: int, window: int | None) -> torch.Tensor:
     A padding query may see no real key at all; letting every query see its
     own slot keeps softmax finite (its output is never used).
     """
-    start, end = cache.length, cache.length + t
-    q = torch.arange(start, end, device=cache.valid.device)[:, None]  # [T, 1]
-    k = torch.arange(end, device=cache.valid.device)[None, :]  # [1, L]
+    if cache.pos is not None:  # static mode: one query at pos, every slot a key ([B, 1, 1, S])
+        q = cache.pos[:, None]  # [1, 1]
+        k = torch.arange(cache.max_len, device=cache.valid.device)[None, :]  # [1, S]
+        end = cache.max_len
+    else:
+        start, end = cache.length, cache.length + t
+        q = torch.arange(start, end, device=cache.valid.device)[:, None]  # [T, 1]
+        k = torch.arange(end, device=cache.valid.device)[None, :]  # [1, L]
     allowed = k <= q
     if window:
         allowed = allowed & (q - k < window)
