@@ -530,17 +530,25 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
     ref_files = infos[formats[0][1]]["files"]
     read_bandwidth(ref_files, limit=512 << 20)  # bring these bytes into the page cache...
     warm_bw = read_bandwidth(ref_files, limit=512 << 20)  # ...then time a RAM-to-RAM copy of them
+    link_bw = None
+    if torch.device(device).type == "cuda":  # what bounds a GPU run's misses: the copies to the device
+        from .profile import h2d_bandwidth
+
+        link_bw = h2d_bandwidth(torch.device(device), 1 << 30)
     report(results, echo)
     echo("")
     echo(f"bandwidth: page-cache copy {warm_bw / 1e9:.2f} GB/s"
-         + (f"; cold disk read {cold_bw / 1e9:.2f} GB/s" if cold_bw else ""))
-    report_bounds(results, warm_bw, cold_bw, echo)
+         + (f"; cold disk read {cold_bw / 1e9:.2f} GB/s" if cold_bw else "")
+         + (f"; pinned host -> device {link_bw / 1e9:.2f} GB/s" if link_bw else ""))
+    report_bounds(results, warm_bw, cold_bw, echo, link_bw)
     return results
 
 
-def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | None, echo=print) -> None:
-    """Per offloaded case, the bound it chases: bytes moved per token at the link's bandwidth beside the
-    resident run's compute; a case measured above it gets a note saying why that can happen."""
+def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | None, echo=print,
+                  link_bw: float | None = None) -> None:
+    """Per offloaded case, the bound it chases: the bytes it moved per token at the bandwidth of each
+    path they took (disk or page cache into RAM; on a GPU also pinned RAM -> device, measured in the
+    same run), beside the resident run's compute; a case measured above it gets a note saying why."""
     resident = {r.format: r for r in results if r.name == "a: resident"}
     for r in results:
         base = resident.get(r.format)
@@ -548,13 +556,19 @@ def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | No
             continue
         bw, what = (cold_bw, "disk read") if r.name.startswith("c") else (warm_bw, "page-cache copy")
         moved = r.bytes_from_disk_per_token
-        floor = moved / bw if bw else 0.0
+        paths = [(moved, bw, what)] if moved else []
+        if link_bw and r.bytes_to_device_per_token:
+            paths.append((r.bytes_to_device_per_token, link_bw, "host -> device"))
+        times = [m / b if b else 0.0 for m, b, _ in paths]
+        floor = max(times, default=0.0)  # the paths run at once: the slowest one bounds the token
         compute = 1 / base.tokens_per_second
         bound = 1 / max(floor, compute)
-        echo(f"bound for {r.name} [{r.format}]: {moved / 1e6:.1f} MB/token at the {what} bandwidth = "
-             f"{floor * 1000:.1f} ms of I/O per token + {compute * 1000:.1f} ms of compute -> "
+        echo(f"bound for {r.name} [{r.format}]: "
+             + "; ".join(f"{m / 1e6:.1f} MB/token at the {w} bandwidth = {t * 1000:.1f} ms"
+                         for (m, _, w), t in zip(paths, times))
+             + f" of I/O per token + {compute * 1000:.1f} ms of compute -> "
              f"{1 / (floor + compute):.2f} tok/s without overlap, {bound:.2f} with perfect "
-             f"overlap; measured {r.tokens_per_second:.2f}")
+             f"overlap; measured {r.tokens_per_second:.2f} ({r.tokens_per_second / bound:.0%} of that)")
         if r.tokens_per_second > bound:
             cached = r.process_read_bytes_per_token < 0.5 * moved
             echo(f"  note: measured above the bound ({r.tokens_per_second / bound:.2f}x): "

@@ -59,22 +59,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times[1:])
 
 
-def h2d_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s from pinned host memory to the device, median of 5 (0 on a CPU)."""
-    if device.type != "cuda":
-        return 0.0
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(6):
-        sync(device)
-        start = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times[1:])
-
-
 def prompt_ids(vocab: int, n: int = 16) -> list[int]:
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (n,), generator=g).tolist()
@@ -143,14 +127,14 @@ def free(device: torch.device) -> None:
 def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 64, repeats: int = 3,
           accelerate: bool = True, tiny: bool = False, echo=print) -> list[Row]:
     from .grouped import grouped_mm_runs
-    from .profile import measure, save_profile
+    from .profile import h2d_bandwidth, measure, save_profile
     from .synthetic import make_synthetic, shape_config
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     echo(f"device {name}; torch {torch.__version__}; grouped_mm in bf16: "
          f"{'yes' if grouped_mm_runs(dev, torch.bfloat16) else 'no (per-expert loop)'}")
-    hbm, link = copy_bandwidth(dev), h2d_bandwidth(dev)
+    hbm, link = copy_bandwidth(dev), (h2d_bandwidth(dev, 1 << 30) if dev.type == "cuda" else 0.0)
     echo(f"copy bandwidth {hbm / 1e9:.0f} GB/s (read + write); pinned host -> device {link / 1e9:.1f} GB/s")
     rows: list[Row] = []
     for shape in shapes:

@@ -246,9 +246,7 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
     what = _cpu_name()
     if dev.type == "cuda" and torch.cuda.is_available():
         device_memory = torch.cuda.get_device_properties(dev).total_memory
-        src = torch.empty(256 * MiB, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty_like(src, device=dev)
-        h2d = src.numel() / _median_seconds(lambda: dst.copy_(src, non_blocking=True), repeats, torch.cuda.synchronize)
+        h2d = h2d_bandwidth(dev, 256 * MiB, repeats)
         dev_fmt = ExpertFormat(kind, H, I, weights, group)
         dev_1 = _expert_gflops(dev, dev_fmt, 1, repeats)
         # A GPU's fp16 ridge point is ~200 FLOP/byte, i.e. ~200 tokens: at 64 it is still bandwidth bound.
@@ -267,6 +265,16 @@ def measure(model_dir=None, device: str = "auto", *, hidden: int | None = None, 
                 f"(CPU in {str(cpu_dtype)[6:]}), "
                 f"batch {batch}, disk read of {disk_where}"),
     )
+
+
+def h2d_bandwidth(device, nbytes: int = 256 * MiB, repeats: int = 5) -> float:
+    """Bytes/s of one copy from pinned host memory to `device` (a CUDA GPU), median of `repeats`."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device=device)
+    return nbytes / _median_seconds(lambda: dst.copy_(src, non_blocking=True), repeats,
+                                    lambda: torch.cuda.synchronize(device))
 
 
 def _median_seconds(run, repeats: int, sync=lambda: None) -> float:

@@ -209,3 +209,23 @@ def test_bench_table_header_and_notes_on_figures_above_their_bounds():
     assert len(notes) == 2  # b (above the compute bound) and c (reads from the page cache); not "c: slow"
     assert "page cache" in notes[1] and "MB read/tok" in notes[1]
     assert "resident run" in notes[0]
+
+
+def test_gpu_bench_bounds_count_the_copies_to_the_device():
+    """On a GPU the bound of an offloaded case is its slowest path: here 100 MB/token over a 10 GB/s
+    link (10 ms) beside 20 MB/token from the page cache at 10 GB/s (2 ms) and 5 ms of compute."""
+    from offload import bench
+    from offload.bench import CaseResult
+
+    def result(name, tps, disk, link):
+        return CaseResult(name=name, placement="", load_seconds=0, tokens_per_second=tps, time_to_first_token=0,
+                          hit_rate=0, bytes_from_disk_per_token=disk, bytes_to_device_per_token=link,
+                          misses_per_token=0, stall_seconds_per_token=0, peak_rss=0, baseline_rss=0, format="bf16")
+
+    lines = []
+    bench.report_bounds([result("a: resident", 200.0, 0, 0), result("b: GPU 1/4", 80.0, 20e6, 100e6)],
+                        warm_bw=10e9, cold_bw=None, echo=lines.append, link_bw=10e9)
+    (line,) = [line for line in lines if line.startswith("bound for")]
+    assert "100.0 MB/token at the host -> device bandwidth = 10.0 ms" in line
+    assert "20.0 MB/token at the page-cache copy bandwidth = 2.0 ms" in line
+    assert "100.00 with perfect overlap" in line and "(80% of that)" in line
