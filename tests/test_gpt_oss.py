@@ -13,7 +13,8 @@ import torch
 import offload
 from offload import OffloadError
 from offload.formats import ExpertFormat
-from conftest import build_tokenizer, reference, reference_greedy, transformers
+import conftest
+from conftest import build_tokenizer, reference_greedy, transformers
 from test_offload import budget, check_matches_resident
 
 # Weights of std 0.2 (transformers' default 0.02 leaves the logits flat), sinks, router and expert biases
@@ -37,6 +38,20 @@ VARIANTS = {
 PROMPT = [1, 17, 42, 99, 5]
 MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": [
     "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+
+
+def reference(path: Path, dtype=torch.float32):
+    """conftest's oracle, with what older transformers got wrong here set right (a no-op from 5.23 on):
+    before 5.19 GptOssExperts ignores the config's swiglu_limit and swiglu_alpha (hard-coded 7.0 and 1.702,
+    the published values; this file's limit is 2.0), and before 5.23 an MXFP4 checkpoint's experts are
+    dequantized to bf16 whatever `dtype` asks (exact values, so casting them back loses nothing)."""
+    model = conftest.reference(path, dtype)
+    if model.config.model_type == "gpt_oss":
+        for layer in model.model.layers:
+            experts = layer.mlp.experts.to(dtype)
+            experts.limit = getattr(model.config, "swiglu_limit", 7.0)
+            experts.alpha = getattr(model.config, "swiglu_alpha", 1.702)
+    return model
 
 
 def build(variant: str, **overrides):
