@@ -76,6 +76,19 @@ class ExpertCache:
         self.policy.insert(key)
         return slot, evicted
 
+    def request(self, layer: int, experts: Iterable[int], probs: Sequence[float] | None = None
+                ) -> tuple[list[int], list[int]]:
+        """One layer step asks for `experts`: the policy sees the router's probabilities (when given)
+        and each access; returns (present, missing). The one access step of the engine, `replay`,
+        the predictor evaluation and the simulator."""
+        if probs is not None:
+            self.policy.observe(layer, probs)
+        experts = list(experts)
+        for e in experts:
+            self.policy.access((layer, e))
+        present = [e for e in experts if (layer, e) in self.slot_of]
+        return present, [e for e in experts if (layer, e) not in self.slot_of]
+
     def evict(self, key: ExpertId) -> None:
         slot = self.slot_of.pop(key)
         del self.key_of[slot]
@@ -90,14 +103,9 @@ def replay(steps: Iterable[tuple[int, Sequence[int], Sequence[float] | None]], c
     router probabilities or None). Returns (hits, misses)."""
     hits = misses = 0
     for layer, experts, probs in steps:
-        if probs is not None:
-            cache.policy.observe(layer, probs)
+        present, missing = cache.request(layer, experts, probs)
+        hits, misses = hits + len(present), misses + len(missing)
         keys = [(layer, e) for e in experts]
-        for key in keys:
-            cache.policy.access(key)
-            if key in cache:
-                hits += 1
-            else:
-                misses += 1
-                cache.admit(key, busy=keys)
+        for e in missing:
+            cache.admit((layer, e), busy=keys)
     return hits, misses

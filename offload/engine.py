@@ -1,23 +1,25 @@
-"""The offloaded expert executor: routed experts stream from disk (and, with
-a GPU, through a pinned host tier) into a fixed pool of compute-side slots.
+"""The offloaded expert executor, the mover: routed experts stream from disk (and, with a GPU,
+through a pinned host tier) into a fixed pool of compute-side slots. What to fetch into which
+slot, whom to evict, which host slot to use and which experts the CPU computes is decided by
+offload/planner.py (pure Python, unit-tested); this file carries it out with the reader, the I/O
+threads, the copy stream, events and the kernels, and tells the plan what finished.
 
-Per layer step, for the experts the router picked:
-  1. record the requests with the cache policy; split them into present and missing;
-  2. with a host tier and a `decide` hook (a hardware profile's scheduler), start
-     the missing experts it assigns to the CPU on the CPU worker, from host RAM;
-  3. start fetching the other missing experts into free (or evicted) slots on
-     the I/O thread pool, as many as the slots allow without evicting anything
-     this step still needs, then prefetch what the predictor expects next;
-  4. compute the present experts while those fetches run, then each fetched
-     expert in arrival order, starting new fetches as slots free up, then
-     collect the CPU experts;
-  5. add the contributions in ascending expert order (bit-identical to the
-     resident model, whatever order they were computed in).
+Per layer step, for the experts the router picked (read back to the host once):
+  1. the plan records the requests with the cache policy and splits them into present and missing;
+  2. with a host tier and a `decide` hook (a hardware profile's scheduler), the missing experts it
+     assigns to the CPU start on the CPU worker, from host RAM, as host slots allow;
+  3. fetches start into free (or evicted) slots on the I/O pool, as many as the plan admits
+     without evicting anything this step still needs, then prefetches of what the predictor expects;
+  4. when every expert has its slot and none runs on the CPU (decode, mostly) and the grouped
+     kernel is fused: one grouped call over the slot pool once the copies are in. Otherwise each
+     expert is computed as it arrives (present ones first, while the fetches run), new fetches
+     starting as slots free up, then the CPU experts are collected;
+  5. the contributions are combined per token in ascending expert order (offload/grouped.py):
+     bit-identical to the resident model, whatever order they were computed in.
 
-On a CPU the compute slots are the RAM cache and a fetch is a disk read. On a
-GPU a fetch is a disk read into the pinned host tier when the expert is not
-there, then a copy on `copy_stream`; events order the copy after the last
-kernel that used the slot, and the kernels after the copy.
+On a CPU the compute slots are the RAM cache and a fetch is a disk read. On a GPU a fetch is a
+disk read into the pinned host tier when the expert is not there, then a copy on `copy_stream`;
+events order the copy after the last kernel that used the slot, and the kernels after the copy.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .formats import ExpertFormat
 from .grouped import HostTransfers, combine, grouped_kernel, host_offsets, route
 from .kernels import expert_kernel
 from .placement import Placement
+from .planner import Claim, Fetch, HostTier, LayerPlan
 from .prefetch import Prefetcher
 from .stats import Event, ExpertStats, Timeline
 
@@ -55,9 +58,9 @@ class OffloadedExperts:
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
         self.prefetch = prefetch
         self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool
-        # Every read, copy or CPU expert submitted and not yet seen through by the main thread:
-        # Future -> (compute-slot key or None, host-slot key or None), for recovery after a failure.
-        self.outstanding: dict[Future, tuple] = {}
+        # Every read, copy or CPU expert submitted and not yet seen through by the main thread, and
+        # what it holds: released when seen, or undone by _recover after a failure.
+        self.outstanding: dict[Future, Claim] = {}
         self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
         self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
         self.device, self.stats = device, stats
@@ -81,10 +84,10 @@ class OffloadedExperts:
         # Which missing experts to compute on the CPU from the host tier instead of fetching them
         # (offload/scheduler.py decides from a hardware profile); None: always fetch.
         self.decide = decide if self.tiered else None
+        self.host: HostTier | None = None
         if self.tiered:
             self.host_pool = SlotPool(placement.host_slots, fmt, torch.device("cpu"), pin=self.gpu)
-            self.host_cache = ExpertCache(placement.host_slots, make_policy(policy), self.layers, split)
-            self.host_busy: set = set()  # host slots being filled, copied from or computed from
+            self.host = HostTier(ExpertCache(placement.host_slots, make_policy(policy), self.layers, split))
             # A new thread's OpenMP pool starts at every core whatever torch.set_num_threads said on the
             # main thread, and a GEMM splits its rows by the thread count: the same count, the same bits.
             self.cpu_worker = ThreadPoolExecutor(1, thread_name_prefix="offload-cpu-experts",
@@ -135,42 +138,31 @@ class OffloadedExperts:
         begin = time.perf_counter() if events is not None else 0.0
         counters = self.stats[layer]
         chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
-        experts = np.unique(chosen).tolist()
-        if mean_probs is not None:
-            self.cache.policy.observe(layer, mean_probs)
-        keys = [(layer, e) for e in experts]
-        for key in keys:
-            self.cache.policy.access(key)
-        present = [e for e in experts if (layer, e) in self.cache]
-        missing = [e for e in experts if (layer, e) not in self.cache]
+        plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
+        present = plan.present
         counters.hits += len(present)
-        counters.misses += len(missing)
-        on_cpu = self._choose_cpu(layer, chosen, missing) if self.decide is not None and missing else []
+        counters.misses += len(plan.missing)
+        on_cpu = []
+        if self.decide is not None and plan.missing:
+            on_cpu = plan.assign_cpu(self.decide, np.bincount(chosen.reshape(-1), minlength=self.num_experts).tolist())
         routes = rows = x = None
         if on_cpu or not self.grouped.fused:
             routes, rows, x = self._by_expert(hidden, ids, weights, chosen)
-        cpu_parts = self._start_cpu_experts(layer, x, rows, on_cpu, counters)
-        pending = deque(e for e in missing if e not in cpu_parts)
+        cpu_parts = self._start_cpu_experts(plan, x, rows, on_cpu, counters)
         self._forget_finished_prefetches()
-        needed = set(keys)  # what this step has yet to compute
         inflight: deque[tuple[int, int, Future]] = deque()
 
-        def busy() -> set:  # never evict what this step still needs, nor a slot a prefetch is writing
-            return needed | set(self.prefetching)
-
         def issue():
-            while pending and self.cache.can_admit((layer, pending[0]), busy()) and self._host_room((layer, pending[0])):
-                e = pending.popleft()
-                slot = self._admit((layer, e), busy())
-                inflight.append((e, slot, self._fetch(layer, e, slot)))
+            for fetch in plan.admit(self.prefetching):
+                inflight.append((fetch.key[1], fetch.slot, self._fetch(fetch)))
 
         issue()
         if self.prefetch is not None:
-            self.prefetch.settle(self.pos[layer], set(experts), set(present), counters)
+            self.prefetch.settle(self.pos[layer], set(present + plan.missing), set(present), counters)
             for target, wanted in self.prefetch.plan(self.pos[layer], hidden, self.tokens, chosen).items():
                 target_layer = self.layers[target]
-                self._prefetch(target_layer, wanted, busy(), self.stats[target_layer])
-        if self.grouped.fused and not cpu_parts and not pending:  # every expert has its slot: one call
+                self._prefetch(plan, target_layer, wanted, self.stats[target_layer])
+        if self.grouped.fused and not cpu_parts and not plan.pending:  # every expert has its slot: one call
             out = self._fused(layer, hidden, ids, weights, present, inflight, counters)
             if events is not None:
                 events.append(Event(layer, "layer", begin, time.perf_counter()))
@@ -183,9 +175,9 @@ class OffloadedExperts:
         for e in present:
             self._await_prefetch((layer, e), counters)
             self._compute(layer, x, y, rows(e), e, self.cache.lookup((layer, e)))
-            needed.discard((layer, e))
+            plan.computed(e)
             issue()
-        while inflight or pending:
+        while inflight or plan.pending:
             if not inflight:  # the host slots are held by CPU experts or prefetches: let one finish
                 if cpu_parts:
                     self._collect_cpu(layer, cpu_parts, y, rows, counters)
@@ -193,13 +185,13 @@ class OffloadedExperts:
                     next(iter(self.prefetching.values())).result()
                     self._forget_finished_prefetches()
                 else:
-                    raise RuntimeError(f"layer {layer}: experts {list(pending)} can get no slot")  # a bug
+                    raise RuntimeError(f"layer {layer}: experts {list(plan.pending)} can get no slot")  # a bug
                 issue()
                 continue
             e, slot, future = inflight.popleft()
             self._await(future, counters, (layer, e))
             self._compute(layer, x, y, rows(e), e, slot)
-            needed.discard((layer, e))
+            plan.computed(e)
             issue()
         while cpu_parts:
             self._collect_cpu(layer, cpu_parts, y, rows, counters)
@@ -254,29 +246,23 @@ class OffloadedExperts:
 
     # ---- experts computed on the CPU, where their weights already are ------------
 
-    def _choose_cpu(self, layer: int, chosen: np.ndarray, missing: list[int]) -> list[int]:
-        from .scheduler import ExpertWork
-
-        counts = np.bincount(chosen.reshape(-1), minlength=max(missing) + 1).tolist()
-        work = [ExpertWork(e, counts[e], "host" if (layer, e) in self.host_cache else "disk") for e in missing]
-        plan = self.decide(work)
-        return [e for e in missing if plan.get(e) == "cpu"]
-
-    def _start_cpu_experts(self, layer, x, rows, on_cpu, counters) -> dict[int, Future]:
+    def _start_cpu_experts(self, plan: LayerPlan, x, rows, on_cpu, counters) -> dict[int, Future]:
         """Start the chosen experts on the CPU worker, as many as host slots allow (the rest are fetched)."""
         if not on_cpu:
             return {}
+        layer = plan.layer
         host = x.to("cpu")  # [M, H]: one copy of the routed rows to the host for all of this layer's CPU experts
         futures = {}
         for e in on_cpu:
-            if not self._host_room((layer, e)):
+            claim = plan.claim_cpu(e)
+            if claim is None:
                 continue
-            host_slot, from_disk = self._host_slot((layer, e), counters)
+            host_slot, from_disk = claim
+            counters.bytes_from_disk += self.expert_bytes if from_disk else 0
             counters.experts_on_cpu += 1
             future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, host[rows(e)],
                                             events=self.events)
-            future.host_slot = host_slot
-            self.outstanding[future] = (None, (layer, e))
+            self.outstanding[future] = Claim(None, (layer, e), host_slot)
             futures[e] = future
         return futures
 
@@ -306,12 +292,6 @@ class OffloadedExperts:
             events.append(Event(layer, "cpu", start, time.perf_counter(), expert))
         return part
 
-    def _admit(self, key, busy) -> int:
-        slot, evicted = self.cache.admit(key, busy)
-        if evicted is not None:
-            self.copy_done.pop(evicted, None)
-        return slot
-
     def _await(self, future: Future, counters, key) -> None:
         start = time.perf_counter()
         ready = future.result()  # compute waits for the I/O threads here and nowhere else
@@ -325,7 +305,7 @@ class OffloadedExperts:
 
     # ---- speculative fetches -------------------------------------------------
 
-    def _prefetch(self, layer: int, wanted: list[int], busy: set, counters) -> None:
+    def _prefetch(self, plan: LayerPlan, layer: int, wanted: list[int], counters) -> None:
         target = self.pos[layer]
         candidates = [e for e in wanted if (layer, e) not in self.cache]
         self.prefetch.candidates(target, candidates)
@@ -333,11 +313,10 @@ class OffloadedExperts:
             return  # switched off for this layer: the candidates are only scored
         for e in candidates:
             key = (layer, e)
-            if not self.cache.can_admit(key, busy):
+            fetch = plan.prefetch(key, self.prefetching)
+            if fetch is None:
                 continue
-            slot = self._admit(key, busy)
-            self.prefetching[key] = self._fetch(layer, e, slot)
-            busy.add(key)
+            self.prefetching[key] = self._fetch(fetch)
             counters.prefetch_issued += 1
             self.prefetch.issued(target, e)
 
@@ -371,24 +350,24 @@ class OffloadedExperts:
 
     # ---- fetching ----------------------------------------------------------
 
-    def _fetch(self, layer: int, expert: int, slot: int) -> Future:
-        counters = self.stats[layer]
-        key = (layer, expert)
+    def _fetch(self, fetch: Fetch) -> Future:
+        """Start what the plan decided: read (and on a GPU copy) `fetch.key` into its compute slot."""
+        (layer, expert), slot, counters = fetch.key, fetch.slot, self.stats[fetch.key[0]]
+        self.copy_done.pop(fetch.evicted, None)  # the evicted expert's old copy event means nothing now
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
             if self.events is None:
                 future = self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
             else:
                 future = self.io.submit(self._recorded_read, self.events, layer, expert, self.pool.targets(slot))
-            self.outstanding[future] = (key, None)
+            self.outstanding[future] = Claim(fetch.key, None, None)
             return future
-        host_slot, from_disk = self._host_slot((layer, expert), counters)
+        counters.bytes_from_disk += self.expert_bytes if fetch.from_disk else 0
         counters.bytes_to_device += self.expert_bytes
         released = self.slot_released[slot] if self.gpu else None
-        future = self.io.submit(self._to_device, layer, expert, slot, host_slot, from_disk, released,
+        future = self.io.submit(self._to_device, layer, expert, slot, fetch.host_slot, fetch.from_disk, released,
                                 events=self.events)
-        future.host_slot = host_slot  # released by the main thread once it has seen the result
-        self.outstanding[future] = (key, key)
+        self.outstanding[future] = Claim(fetch.key, fetch.key, fetch.host_slot)  # released once seen through
         return future
 
     def _recover(self) -> None:
@@ -396,48 +375,27 @@ class OffloadedExperts:
         must not be handed out while a thread writes it), and forget the experts whose read failed
         or was never seen through, so the caches hold only experts that are really there. The
         next call starts clean: it reads them again, or fails the same clean way."""
-        for future, (key, host_key) in list(self.outstanding.items()):
+        for future, claim in list(self.outstanding.items()):
             try:
                 future.result()
                 ok = True
             except BaseException:
                 ok = False
-            if not ok and key is not None and key in self.cache:
-                self.cache.evict(key)
-            if not ok and host_key is not None and host_key in self.host_cache:
-                self.host_cache.evict(host_key)
+            if not ok and claim.key is not None and claim.key in self.cache:
+                self.cache.evict(claim.key)
+            if not ok and claim.host_key is not None and claim.host_key in self.host.cache:
+                self.host.cache.evict(claim.host_key)
         self.outstanding.clear()
         self.prefetching.clear()
         self.copy_done.clear()
         if self.tiered:
-            self.host_busy.clear()
+            self.host.busy.clear()
 
     def _release(self, future: Future) -> None:
         """Main thread, after `future` is done and its result seen: its host slot may be reused."""
-        self.outstanding.pop(future, None)
-        host_slot = getattr(future, "host_slot", None)
-        if host_slot is not None:
-            self.host_busy.discard(host_slot)
-
-    def _host_room(self, key) -> bool:
-        """Whether `key` has, or can get, a host slot now (always true without a host tier)."""
-        if not self.tiered or key in self.host_cache:
-            return True
-        return self.host_cache.can_admit(key, self._busy_host_keys())
-
-    def _busy_host_keys(self) -> set:
-        return {self.host_cache.key_at(s) for s in self.host_busy} - {None}
-
-    def _host_slot(self, key, counters) -> tuple[int, bool]:
-        """Main thread: the expert's host slot, admitting it (to be read from disk) if absent."""
-        self.host_cache.policy.access(key)
-        host_slot = self.host_cache.lookup(key)
-        from_disk = host_slot is None
-        if from_disk:
-            host_slot, _ = self.host_cache.admit(key, self._busy_host_keys())
-            counters.bytes_from_disk += self.expert_bytes
-        self.host_busy.add(host_slot)
-        return host_slot, from_disk
+        claim = self.outstanding.pop(future, None)
+        if claim is not None and self.host is not None:
+            self.host.release(claim.host_slot)
 
     def _host_ready(self, host_slot: int) -> None:
         previous = self.host_copied[host_slot] if self.gpu else None
