@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -39,13 +40,30 @@ def _runtime_options(fn):
     return fn
 
 
+class _Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and +-inf (click's range check lets nan through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number in the range {self._describe_range()}.", param, ctx)
+        return number
+
+
 def _sampling_options(fn):
+    """Checked here, before the model loads, so that chat refuses them at once rather than at every message.
+    The ranges are SamplingParams' (offload/sampling.py), which checks them again for API callers."""
     options = [
-        click.option("--max-new-tokens", "-n", default=256, show_default=True, help="Most tokens to generate per reply."),
-        click.option("--temperature", "-t", default=0.0, show_default=True, help="Sampling temperature; 0 is greedy."),
-        click.option("--top-k", default=0, show_default=True, help="Sample among the k likeliest tokens; 0 turns it off."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass; 1.0 turns it off."),
-        click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling."),
+        click.option("--max-new-tokens", "-n", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Most tokens to generate per reply."),
+        click.option("--temperature", "-t", default=0.0, show_default=True, type=_Finite(min=0),
+                     help="Sampling temperature; 0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Sample among the k likeliest tokens; 0 turns it off."),
+        click.option("--top-p", default=1.0, show_default=True, type=_Finite(0, 1, min_open=True),
+                     help="Nucleus sampling mass; 1.0 turns it off."),
+        click.option("--seed", default=None, type=click.IntRange(0, 2**63 - 1),
+                     help="Random seed, for reproducible sampling."),
         click.option("--stop", multiple=True, callback=_unescape,
                      help="Stop when this text appears (repeatable). Backslash escapes \\n, \\t, \\r and "
                           "\\\\ are read, so --stop '\\n\\n' stops at a blank line."),
@@ -90,6 +108,16 @@ def _write_json(text: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _predictor_list(ctx, param, text):
+    """--predictors as a tuple of known names, checked before any case runs (a case runs in a child process)."""
+    from offload.config import PREDICTORS
+
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names) or any(name not in PREDICTORS for name in names):
+        raise click.BadParameter(f"{text!r}: give some of {', '.join(PREDICTORS)}, comma-separated")
+    return names
 
 
 class _Group(click.Group):
@@ -192,8 +220,8 @@ def chat(model, max_new_tokens, temperature, top_k, top_p, seed, stop, system, s
 @click.argument("model", required=False)
 @click.option("--bits", required=True, type=int, help="8 (int8, one scale per output channel) or 4 (int4 with "
                                                        "a scale and zero per group).")
-@click.option("--group-size", default=None, type=int, help="int4 group size along the input: 32, 64 or 128 "
-                                                           "[default: 32].")
+@click.option("--group-size", default=None, type=click.IntRange(min=1),
+              help="int4 group size along the input: 32, 64 or 128 [default: 32].")
 @click.option("--out", required=True, type=click.Path(), help="New directory for the quantized model.")
 def quantize(model, bits, group_size, out):
     """Write MODEL (default: the demo model) with int8 or int4 experts to OUT, a model directory
@@ -214,11 +242,14 @@ def quantize(model, bits, group_size, out):
 @main.command()
 @click.argument("model")
 @click.option("--device", default="cpu", show_default=True, help="Compute device: cpu, cuda or cuda:N.")
-@click.option("--prompt-tokens", default=32, show_default=True, help="Prompt length of each timed generation.")
-@click.option("--new-tokens", default=32, show_default=True, help="Tokens generated per timed run.")
-@click.option("--repeats", default=3, show_default=True, help="Timed runs per configuration; medians are shown.")
-@click.option("--predictors", default="none,gate", show_default=True,
-              help="Comma-separated predictors to run the offloaded cases with.")
+@click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Prompt length of each timed generation.")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens generated per timed run.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per configuration; medians are shown.")
+@click.option("--predictors", default="none,gate", show_default=True, callback=_predictor_list,
+              help="Comma-separated predictors to run the offloaded cases with: none, gate, learned, affinity.")
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False),
               help="Text file, one prompt per line (default: random token ids).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results to this JSON file.")
@@ -249,7 +280,7 @@ def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts
     from offload.bench import parse_cases, parse_io_threads, parse_list, parse_page_cache, parse_readahead
 
     prompts = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()] if prompts_file else None
-    results = run_bench(model, device, prompt_tokens, new_tokens, repeats, tuple(predictors.split(",")),
+    results = run_bench(model, device, prompt_tokens, new_tokens, repeats, predictors,
                         prompts, echo=click.echo, experts=parse_list(experts) or (None,), cases=parse_cases(cases),
                         io_threads=parse_io_threads(io_threads), page_cache=parse_page_cache(drop_page_cache),
                         rounds=rounds, threads=threads, readahead=parse_readahead(readahead))
@@ -294,8 +325,10 @@ def trace(model, prompts, out, hidden, device):
 @click.argument("model")
 @click.option("--trace", "trace_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="A trace recorded with --hidden.")
-@click.option("--lookahead", default=1, show_default=True, help="How many MoE layers ahead to predict.")
-@click.option("--epochs", default=200, show_default=True, help="Full-batch training epochs per layer.")
+@click.option("--lookahead", default=1, show_default=True, type=click.IntRange(min=1),
+              help="How many MoE layers ahead to predict (fewer than the trace's MoE layers).")
+@click.option("--epochs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Full-batch training epochs per layer.")
 @click.option("--out", default=None, type=click.Path(), help="Where to save (default: predictor.safetensors in MODEL).")
 def train_predictor(model, trace_dir, lookahead, epochs, out):
     """Train the learned predictor on a trace and save it next to MODEL, where load() finds it."""
@@ -304,9 +337,9 @@ def train_predictor(model, trace_dir, lookahead, epochs, out):
     from offload.predictors.trace import load_trace
 
     recorded = load_trace(trace_dir)
-    if epochs < 1 or not 1 <= lookahead < recorded.num_layers:
-        raise OffloadError(f"--epochs {epochs} must be at least 1 and --lookahead {lookahead} between 1 and the "
-                           f"trace's MoE layers less one ({recorded.num_layers - 1})")
+    if lookahead >= recorded.num_layers:  # the lower bounds are the options' types
+        raise OffloadError(f"--lookahead {lookahead} must be between 1 and the trace's MoE layers less one "
+                           f"({recorded.num_layers - 1})")
     predictor = LearnedPredictor.train(recorded, lookahead=lookahead, epochs=epochs, progress=True)
     path = predictor.save(out or resolve_model_path(model) / FILENAME)
     click.echo(f"saved {path}")
@@ -316,10 +349,13 @@ def train_predictor(model, trace_dir, lookahead, epochs, out):
 @click.option("--trace", "trace_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="The trace to score on.")
 @click.option("--model", default=None, help="Model directory: needed for the gate predictor (its routers).")
-@click.option("--slots-per-layer", default=None, type=int, help="Cache size for the hit-rate table (default: half the experts).")
-@click.option("--train-fraction", default=0.5, show_default=True,
-              help="Share of the trace's sequences that affinity and learned fit on; the rest is scored.")
-@click.option("--epochs", default=200, show_default=True, help="Training epochs of the learned predictor.")
+@click.option("--slots-per-layer", default=None, type=click.IntRange(min=1),
+              help="Cache size for the hit-rate table, from top_k to the number of experts (default: half the "
+                   "experts).")
+@click.option("--train-fraction", default=0.5, show_default=True, type=_Finite(0, 1, min_open=True, max_open=True),
+              help="Share of the trace's tokens that affinity and learned fit on; the rest is scored.")
+@click.option("--epochs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Training epochs of the learned predictor.")
 def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     """Recall and precision of each predictor on a trace, and cache hit rates with and without prefetch."""
     from offload.predictors.affinity import AffinityPredictor
@@ -329,16 +365,14 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     from offload.predictors.trace import load_trace
 
     recorded = load_trace(trace_dir)
+    if slots_per_layer is not None and not recorded.top_k <= slots_per_layer <= recorded.num_experts:
+        raise OffloadError(f"--slots-per-layer {slots_per_layer} must be between top_k ({recorded.top_k}) and the "
+                           f"number of experts ({recorded.num_experts})")
     fit, test = recorded.split(train_fraction)
     vocab = int(recorded.token_ids.max()) + 1
     click.echo(f"fitted on {fit.num_tokens} tokens, scored on {test.num_tokens} (a {train_fraction:g} split by "
                "tokens)" + ("" if recorded.header.get("has_token_ids", True) else
                             "; no token ids in this trace: affinity's token prior is one frequency prior"))
-    if slots_per_layer is not None and not recorded.top_k <= slots_per_layer <= recorded.num_experts:
-        raise OffloadError(f"--slots-per-layer {slots_per_layer} must be between top_k ({recorded.top_k}) and the "
-                           f"number of experts ({recorded.num_experts})")
-    if epochs < 1:
-        raise OffloadError(f"--epochs {epochs} must be at least 1")
     predictors = {}
     if model is not None and test.hidden is not None:
         predictors["gate"] = GatePredictor(routers_from_checkpoint(offload.checkpoint.resolve_model_path(model)))
@@ -370,8 +404,9 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
                                                   "and the resident weights).")
 @click.option("--cache-split", default="auto", show_default=True, help="auto, layer or global, as for generate.")
 @click.option("--dtype", default=None, help="Weights' dtype (default: the shape's, as a run would use).")
-@click.option("--tokens", default=512, show_default=True, help="Decode steps replayed, at most.")
-@click.option("--prompt-tokens", default=0, show_default=True,
+@click.option("--tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Decode steps replayed, at most.")
+@click.option("--prompt-tokens", default=0, show_default=True, type=click.IntRange(min=0),
               help="The first N tokens of each trace sequence are one prefill step, not decode steps.")
 @click.option("--experts", default=None,
               help="Experts' format, as for generate: bf16, int8, int4 (group 32), int4-g64, int4-g128 "

@@ -64,7 +64,11 @@ class LRU(Policy):
 class LFU(Policy):
     """Evict the least frequently requested expert; counts decay by `decay` per
     access so that old popularity fades (0 < decay <= 1; 1 = plain LFU).
-    Ties go to the least recently requested."""
+    Ties go to the least recently requested.
+
+    The decay clock is per layer: an expert's count fades with the accesses of
+    its own layer only, so a layer's choices (and hit rate) do not depend on how
+    many other layers share the trace or the run."""
 
     name = "lfu"
 
@@ -72,20 +76,25 @@ class LFU(Policy):
         if not 0 < decay <= 1:
             raise ValueError("decay must be in (0, 1]")
         self.decay = decay
-        self.clock = 0
+        self.clock: dict[int, int] = {}  # layer -> accesses of that layer so far
         self.count: dict[ExpertId, float] = {}
-        self.stamp: dict[ExpertId, int] = {}  # clock at the last update of count
+        self.stamp: dict[ExpertId, int] = {}  # its layer's clock at the last update of count
+        self.tick = 0  # accesses of all layers: recency, for ties only
+        self.last: dict[ExpertId, int] = {}  # tick of the last access
 
     def _current(self, key) -> float:
-        return self.count.get(key, 0.0) * self.decay ** (self.clock - self.stamp.get(key, self.clock))
+        clock = self.clock.get(key[0], 0)
+        return self.count.get(key, 0.0) * self.decay ** (clock - self.stamp.get(key, clock))
 
     def access(self, key):
-        self.clock += 1
-        self.count[key] = self._current(key) + 1.0
-        self.stamp[key] = self.clock
+        clock = self.clock[key[0]] = self.clock.get(key[0], 0) + 1
+        self.count[key] = self._current(key) + 1.0  # _current reads the new clock: the old count decays once
+        self.stamp[key] = clock
+        self.tick += 1
+        self.last[key] = self.tick
 
     def victim(self, candidates):
-        return min(candidates, key=lambda k: (self._current(k), self.stamp.get(k, -1)))
+        return min(candidates, key=lambda k: (self._current(k), self.last.get(k, -1)))
 
 
 class Score(Policy):

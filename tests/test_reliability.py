@@ -4,8 +4,10 @@ leaves the caches consistent (the next call works), and NaN logits are an error,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,9 +173,54 @@ def cli(args):
 
 
 def assert_clean(result, message):
+    """Exit code 2 and one error line: ours ("error: ...", an OffloadError) or click's ("Error: Invalid value ...")."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.output.count("error:") == 1
+    assert "Traceback" not in result.output and result.output.lower().count("error:") == 1
     assert message in result.output
+
+
+DEMO = str(Path(offload.__file__).parent / "demo_model")
+TRACE = str(Path(__file__).parent / "data" / "demo_trace")
+
+# Every flag that takes a number says its range, and is refused before any model loads or case runs.
+BAD_FLAGS = [
+    (["bench", DEMO, "--repeats", "0"], "'--repeats': 0 is not in the range x>=1"),
+    (["bench", DEMO, "--repeats", "-2"], "'--repeats': -2 is not in the range x>=1"),
+    (["bench", DEMO, "--rounds", "0"], "'--rounds': 0 is not in the range x>=1"),
+    (["bench", DEMO, "--new-tokens", "0"], "'--new-tokens': 0 is not in the range x>=1"),
+    (["bench", DEMO, "--prompt-tokens", "0"], "'--prompt-tokens': 0 is not in the range x>=1"),
+    (["bench", DEMO, "--predictors", "bogus"], "give some of none, gate, learned, affinity"),
+    (["bench", DEMO, "--predictors", "none,"], "give some of none, gate, learned, affinity"),
+    (["simulate", "--trace", TRACE, "--tokens", "-3"], "'--tokens': -3 is not in the range x>=1"),
+    (["simulate", "--trace", TRACE, "--tokens", "0"], "'--tokens': 0 is not in the range x>=1"),
+    (["simulate", "--trace", TRACE, "--prompt-tokens", "-1"], "'--prompt-tokens': -1 is not in the range x>=0"),
+    (["simulate", "--trace", TRACE, "--cpu-memory", "-1"], "cpu_memory='-1' is not a memory size"),
+    (["simulate", "--trace", TRACE, "--gpu-memory", "0"], "gpu_memory='0' must be positive"),
+    (["simulate", "--trace", TRACE, "--shape", DEMO, "--cpu-memory", "1KiB"],
+     "it needs at least 1.31 MiB for 2 expert slots (one token's top_k experts)"),
+    (["eval-predictor", "--trace", TRACE, "--slots-per-layer", "-1"], "'--slots-per-layer': -1 is not in the range"),
+    (["eval-predictor", "--trace", TRACE, "--slots-per-layer", "0"], "'--slots-per-layer': 0 is not in the range"),
+    (["eval-predictor", "--trace", TRACE, "--slots-per-layer", "1"], "between top_k (2) and the number of experts"),
+    (["eval-predictor", "--trace", TRACE, "--slots-per-layer", "9"], "between top_k (2) and the number of experts"),
+    (["eval-predictor", "--trace", TRACE, "--train-fraction", "0"], "0.0 is not in the range 0<x<1"),
+    (["eval-predictor", "--trace", TRACE, "--train-fraction", "1"], "1.0 is not in the range 0<x<1"),
+    (["eval-predictor", "--trace", TRACE, "--train-fraction", "nan"], "nan is not a finite number in the range 0<x<1"),
+    (["eval-predictor", "--trace", TRACE, "--epochs", "0"], "'--epochs': 0 is not in the range x>=1"),
+    (["train-predictor", DEMO, "--trace", TRACE, "--epochs", "0"], "'--epochs': 0 is not in the range x>=1"),
+    (["train-predictor", DEMO, "--trace", TRACE, "--lookahead", "0"], "'--lookahead': 0 is not in the range x>=1"),
+    (["train-predictor", DEMO, "--trace", TRACE, "--lookahead", "4"], "--lookahead 4 must be between 1 and"),
+    (["quantize", "--bits", "4", "--group-size", "0", "--out", "q"], "'--group-size': 0 is not in the range x>=1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_FLAGS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_refused_up_front(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out and --json defaults land here, where nothing may appear
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in Path(DEMO).iterdir())
+    outputs = {"bench": ["--json", "b.json"], "train-predictor": ["--out", "p.safetensors"]}.get(args[0], [])
+    assert_clean(cli([*args, *outputs]), message)
+    assert os.listdir(tmp_path) == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in Path(DEMO).iterdir()) == before
 
 
 def test_bad_configs_and_tokenizer_files(demo_copy):
@@ -206,20 +253,36 @@ def test_predictor_files_of_another_model_or_damaged(demo_copy, model_dir):
     assert offload.load(demo_copy, predictor="none").generate("ROMEO:", max_new_tokens=2).token_ids
 
 
+@pytest.mark.parametrize("command", [["generate", "-p", "ROMEO:"], ["chat"]])
 @pytest.mark.parametrize("args,message", [
-    (["-t", "nan"], "temperature=nan"),
-    (["-t", "-1"], "temperature=-1.0"),
-    (["--top-p", "nan"], "top_p=nan"),
-    (["--seed", str(2**70)], "seed="),
-    (["-n", "0"], "max_new_tokens=0"),
+    (["-t", "nan"], "'--temperature' / '-t': nan is not a finite number in the range x>=0"),
+    (["--temperature", "inf"], "inf is not a finite number in the range x>=0"),
+    (["-t", "-1"], "-1.0 is not in the range x>=0"),
+    (["--top-p", "nan"], "'--top-p': nan is not a finite number in the range 0<x<=1"),
+    (["--top-p", "0"], "0.0 is not in the range 0<x<=1"),
+    (["--top-p", "1.5"], "1.5 is not in the range 0<x<=1"),
+    (["--top-k", "-1"], "'--top-k': -1 is not in the range x>=0"),
+    (["--seed", str(2**70)], f"'--seed': {2**70} is not in the range 0<=x<={2**63 - 1}"),
+    (["--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["-n", "0"], "'--max-new-tokens' / '-n': 0 is not in the range x>=1"),
 ])
-def test_bad_sampling_options(args, message):
-    assert_clean(cli(["generate", "-p", "ROMEO:", *args]), message)
+def test_bad_sampling_options(command, args, message):
+    # chat used to start anyway and print the error after every message, exiting 0
+    assert_clean(cli([*command, *args]), message)
+
+
+def test_the_cli_sampling_ranges_end_where_the_apis_do():
+    edges = ["-n", "1", "-t", "0.5", "--top-p", "1", "--top-k", "0", "--seed", str(2**63 - 1)]
+    result = cli(["generate", "-p", "ROMEO:", *edges])
+    assert result.exit_code == 0, result.output
 
 
 def test_chat_messages_must_hold_text():
     llm = offload.load(None)
-    for messages in ([{"role": "user", "content": None}], [{"role": "user"}], "hello", [["user", "hi"]]):
+    for messages in ([{"role": "user", "content": None}], [{"role": "user", "content": 5}],
+                     [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], [{"role": "user"}],
+                     [{"content": "hi"}], [{"role": None, "content": "hi"}], [{"role": 5, "content": "hi"}],
+                     "hello", [["user", "hi"]], None):
         with pytest.raises(OffloadError, match="messages must be a list"):
             llm.chat(messages, max_new_tokens=2)
 
@@ -235,7 +298,4 @@ def test_trace_and_train_predictor_refuse_bad_input(tmp_path):
     assert result.exit_code == 0, result.output
     assert (tmp_path / "real" / "header.json").exists() and (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "link", "p.txt", "real"]  # no temp left
-    for args, message in ((["--epochs", "0"], "--epochs 0"), (["--lookahead", "0"], "--lookahead 0"),
-                          (["--lookahead", "9"], "--lookahead 9")):
-        assert_clean(cli(["train-predictor", "offload/demo_model", "--trace", "tests/data/demo_trace", *args,
-                          "--out", str(tmp_path / "pred.safetensors")]), message)
+    # train-predictor's bad flags: BAD_FLAGS
