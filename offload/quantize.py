@@ -37,6 +37,8 @@ def quantize_model(model, out, experts: str = "int4", group_size: int | None = N
     kind, default_group = parse_experts(experts)
     if kind == "dense":
         raise OffloadError(f"experts={experts!r} is not a quantized format; use int8 or int4")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise OffloadError(f"group_size={group_size!r} must be a positive whole number (32, 64 or 128), or None")
     group = (group_size or default_group) if kind == "int4" else 0
     if kind == "int8" and group_size:
         raise OffloadError("--group-size applies to int4 only; int8 has one scale per output channel")

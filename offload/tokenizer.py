@@ -87,6 +87,8 @@ class Tokenizer:
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in messages):
             raise OffloadError("messages must be a list of {'role': str, 'content': str} dicts")
+        if not messages:
+            raise OffloadError("messages is empty; give at least one {'role': 'user', 'content': ...} message")
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )

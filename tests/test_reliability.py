@@ -299,3 +299,14 @@ def test_trace_and_train_predictor_refuse_bad_input(tmp_path):
     assert (tmp_path / "real" / "header.json").exists() and (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latin1.txt", "link", "p.txt", "real"]  # no temp left
     # train-predictor's bad flags: BAD_FLAGS
+
+
+def test_an_empty_conversation_and_a_zero_group_size_are_refused(tmp_path):
+    from offload.quantize import quantize_model
+
+    llm = offload.load()
+    with pytest.raises(offload.OffloadError, match="messages is empty"):
+        llm.chat([])
+    with pytest.raises(offload.OffloadError, match="group_size=0"):
+        quantize_model(None, tmp_path / "q", "int4", group_size=0, progress=False)
+    assert not (tmp_path / "q").exists()
