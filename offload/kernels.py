@@ -101,6 +101,17 @@ def cpu_int4_kernel_agrees() -> bool:
         return False
 
 
+# torch's CPU int8 kernel with bf16 activations reads the reduction dimension in blocks of 32: at
+# other widths it returned garbage or NaN, or crashed (torch 2.13; K=24 and 40 tried), so those
+# experts are dequantized instead (no released MoE model has such a width).
+INT8_K_MULTIPLE = 32
+
+
+def int8_kernel_fits(fmt: ExpertFormat) -> bool:
+    """Whether both of an int8 expert's products reduce over multiples of INT8_K_MULTIPLE (H and I)."""
+    return fmt.hidden % INT8_K_MULTIPLE == 0 and fmt.width % INT8_K_MULTIPLE == 0
+
+
 @functools.cache
 def cpu_int8_kernel_available() -> bool:
     try:
@@ -122,7 +133,7 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
 
     if device.type != "cpu":
         return dequantized
-    if fmt.kind == "int8" and cpu_int8_kernel_available():
+    if fmt.kind == "int8" and cpu_int8_kernel_available() and int8_kernel_fits(fmt):
         def matmul(x, q, s):
             return torch._weight_int8pack_mm(x, q, s)
     elif fmt.kind == "int4" and cpu_int4_kernel_agrees():
@@ -149,7 +160,7 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
 def cpu_weight_only(fmt: ExpertFormat) -> bool:
     """Whether the CPU computes `fmt` at about the speed of reading its bytes (dense, or a weight-only
     kernel), rather than dequantizing every expert on every call (mxfp4: 100x slower at batch 1)."""
-    return fmt.kind == "dense" or (fmt.kind == "int8" and cpu_int8_kernel_available()) or (
+    return fmt.kind == "dense" or (fmt.kind == "int8" and cpu_int8_kernel_available() and int8_kernel_fits(fmt)) or (
         fmt.kind == "int4" and cpu_int4_kernel_agrees())
 
 
@@ -157,7 +168,7 @@ def kernel_name(fmt: ExpertFormat, device: torch.device) -> str:
     """What `expert_kernel` picked, in words (describe() prints it)."""
     if fmt.kind == "dense":
         return f"{fmt.name} F.linear"
-    if device.type == "cpu" and ((fmt.kind == "int8" and cpu_int8_kernel_available())
+    if device.type == "cpu" and ((fmt.kind == "int8" and cpu_int8_kernel_available() and int8_kernel_fits(fmt))
                                  or (fmt.kind == "int4" and cpu_int4_kernel_agrees())):
         return (f"torch's {fmt.kind} weight-only kernel below {dequant_tokens(fmt.kind)} tokens per expert, "
                 f"dequantized GEMM above")

@@ -101,6 +101,23 @@ def test_kernel_matches_dequantize_in_fp32_then_matmul(kind, group, tokens, dtyp
     assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
+@pytest.mark.parametrize("h, i", [(32, 24), (64, 40), (96, 48)])
+def test_int8_widths_the_cpu_kernel_cannot_take_are_dequantized(h, i):
+    """torch's int8 kernel with bf16 activations gave NaN or garbage (or crashed) unless the reduced
+    width is a multiple of 32: such experts take the dequantize path, and stay right."""
+    from offload.kernels import int8_kernel_fits
+
+    gate, up, down = random_expert(h, i, seed=3)
+    fmt = ExpertFormat("int8", h, i, torch.float32)
+    packed = fmt.views(fmt.quantize(gate, up, down))
+    x = torch.randn(3, h, generator=torch.Generator().manual_seed(2))
+    y = expert_kernel(fmt, torch.device("cpu"), F.silu)(x, packed)
+    wg, wu, wd = dequantized_reference("int8", 0, gate, up, down)
+    ref = F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+    assert int8_kernel_fits(fmt) == (h % 32 == 0 and i % 32 == 0)
+    assert torch.isfinite(y).all() and (y - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, model_dir):
     """(source, {format name: quantized directory}) for a tiny Mixtral."""
