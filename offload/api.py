@@ -19,6 +19,7 @@ from .engine import OffloadedExperts
 from .experts import ResidentExperts
 from .formats import parse_experts
 from .kernels import cpu_weight_only, kernel_name
+from .dense import quantize_dense
 from .generate import DecodeLoop, TextStream, check_prompts
 from .graphs import static_decode, usable
 from .models.decoder import MoECausalLM
@@ -70,7 +71,8 @@ class _Row:
 
 def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memory=None, cpu_memory=None,
          cache_policy: str = "lru", predictor: str = "gate", profile=None, dtype=None,
-         cache_split: str = "auto", threads: int | None = None, experts: str | None = None) -> "Runtime":
+         cache_split: str = "auto", threads: int | None = None, experts: str | None = None,
+         dense: str | None = None) -> "Runtime":
     """Open a Hugging Face MoE checkpoint (directory or hub id; None = the shipped demo model).
 
     With both budgets None and room for everything, all experts stay resident;
@@ -79,10 +81,12 @@ def load(model: str | os.PathLike | None = None, device: str = "auto", gpu_memor
     `threads` sets torch's CPU thread pool for the whole process (None: chosen from the model's
     size, see config.default_threads).
     `experts="int8"` / `"int4"` (lossy, opt-in) runs quantized experts: a checkpoint stored
-    unquantized is quantized once into the user's cache directory and reused from there."""
+    unquantized is quantized once into the user's cache directory and reused from there.
+    `dense="int8"` (lossy, opt-in) keeps the attention projections, dense MLPs and the LM head in
+    int8 (offload/dense.py): fewer bytes per token, which is what a CPU decode waits on."""
     options = RuntimeConfig.build(device=device, dtype=dtype, gpu_memory=gpu_memory, cpu_memory=cpu_memory,
                                   cache_policy=cache_policy, cache_split=cache_split, predictor=predictor,
-                                  profile=profile, threads=threads, experts=experts)
+                                  profile=profile, threads=threads, experts=experts, dense=dense)
     if model is None:
         from .demo import demo_model_path
 
@@ -135,9 +139,12 @@ class Runtime:
         self.placement = plan(cfg, options, self.device, self.dtype, resident_bytes(cfg, self.dtype),
                               fmt=self.expert_format)
         self.checkpoint.check_experts(self.expert_format)
-        self._stats = RuntimeStats(ExpertStats(cfg.moe_layers), self.expert_format.name, self.expert_format.nbytes)
+        self._stats = RuntimeStats(ExpertStats(cfg.moe_layers), self.expert_format.name, self.expert_format.nbytes,
+                                   dense_format=options.dense or "")
         with self._loading_bar() as bar:
             self.model = self._build_model(bar)
+            if options.dense is not None:
+                quantize_dense(self.model)
             if self.placement.mode == "resident":
                 self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
                                                     self._stats.experts, progress=bar)
@@ -239,6 +246,8 @@ class Runtime:
         source = self.checkpoint.raw_config.get("moe_offload_source")  # written by offload/sources/ converters
         if isinstance(source, dict) and source.get("summary"):
             text += f"; {source['summary']}"
+        if self.options.dense is not None:
+            text += f"; attention, dense MLPs and LM head in {self.options.dense} (quantized, lossy)"
         if self.config.mla is not None:  # latent attention caches one compressed row per token
             text += f"; KV cache {self.config.kv_cache_bytes_per_token(self.dtype)} bytes per token (latent attention)"
         if self.device.type == "cuda" and self.experts is not None:

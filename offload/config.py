@@ -253,6 +253,7 @@ class RuntimeConfig:
     profile: str | None = None
     threads: int | None = None  # torch's intra-op CPU threads; None: torch's default
     experts: str | None = None  # expert format: None (as stored), "int8", "int4", "int4-g64", ... (lossy)
+    dense: str | None = None  # the resident layers' weights: None (the compute dtype) or "int8" (lossy)
 
     def __post_init__(self):
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
@@ -272,10 +273,14 @@ class RuntimeConfig:
             from .formats import parse_experts
 
             parse_experts(self.experts)  # raises on an unknown format
+        from .dense import check_dense_format
+
+        check_dense_format(self.dense)
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",
-              cache_split="auto", predictor="gate", profile=None, threads=None, experts=None) -> "RuntimeConfig":
+              cache_split="auto", predictor="gate", profile=None, threads=None, experts=None,
+              dense=None) -> "RuntimeConfig":
         return cls(
             device=str(device),
             dtype=None if dtype is None else str(dtype).replace("torch.", ""),
@@ -287,6 +292,7 @@ class RuntimeConfig:
             profile=profile,
             threads=threads,
             experts=None if experts is None else str(experts),
+            dense=None if dense is None else str(dense).lower(),
         )
 
     def compute_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

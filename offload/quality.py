@@ -106,10 +106,12 @@ def windows(ids: list[int], window: int) -> list[list[int]]:
 
 
 def compare(model_a, model_b, text_file, window: int | None = None, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-            experts_b: str | None = None, progress: bool = False, echo=None, **runtime) -> QualityReport:
+            experts_b: str | None = None, progress: bool = False, echo=None, dense_b: str | None = None,
+            **runtime) -> QualityReport:
     """Score `model_b` against the reference `model_a` on `text_file` (see the module docstring).
 
-    `experts_b` loads B with that expert format (e.g. B = A's directory and "int4"); `max_tokens`
+    `experts_b` loads B with that expert format (e.g. B = A's directory and "int4"), `dense_b` with
+    its resident layers in that format ("int8", offload/dense.py); `max_tokens`
     caps the positions scored (None: the whole text); `runtime` goes to offload.load for both
     (device, dtype, threads, gpu_memory, ...). `echo`, if given, is told what each run loaded."""
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
@@ -155,7 +157,7 @@ def compare(model_a, model_b, text_file, window: int | None = None, max_tokens: 
     gc.collect()  # A's weights go before B's arrive
 
     # Pass 2, B alone, against A's log-probabilities.
-    b_runtime = dict(runtime, experts=experts_b) if experts_b is not None else runtime
+    b_runtime = dict(runtime, **{k: v for k, v in (("experts", experts_b), ("dense", dense_b)) if v is not None})
     with load(path_b, **b_runtime) as llm:
         score_b = _score(llm, model_b, path_b)
         if echo is not None:

@@ -151,6 +151,7 @@ class RuntimeStats:
     experts: ExpertStats
     expert_format: str = ""  # "bf16", "int8", "int4-g32", ...: int formats are lossy (quantized)
     bytes_per_expert: int = 0  # what one fetch moves, in that format
+    dense_format: str = ""  # "" (the compute dtype) or "int8": the resident layers' weights (lossy)
     requests: int = 0
     prompt_tokens: int = 0
     new_tokens: int = 0
@@ -179,7 +180,8 @@ class RuntimeStats:
         timeline = self.experts.timeline
         return {
             "expert_format": self.expert_format,
-            "quantized": self.expert_format.startswith("int"),
+            "quantized": self.expert_format.startswith("int") or bool(self.dense_format),
+            "dense_format": self.dense_format,
             "bytes_per_expert": self.bytes_per_expert,
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
