@@ -270,20 +270,30 @@ def quantize(model, bits, group_size, out):
 @click.option("--readahead", default="auto", show_default=True,
               help="Comma-separated readahead settings to run case c with: auto/on (the kernel's), off "
                    "(fadvise RANDOM on the expert files: each read fetches what it asks for; an experiment).")
+@click.option("--against", default=None, metavar="llama.cpp",
+              help="Also run every case with llama.cpp (needs the gguf extra: llama-cpp-python) on the same model "
+                   "written as GGUF once (F16 for bf16 experts, Q8_0 for int8, Q4_0 for int4; Mixtral-architecture "
+                   "models only), the same prompts, threads and memory share, and print both and the ratio.")
 def bench(model, device, prompt_tokens, new_tokens, repeats, predictors, prompts_file, json_out, experts, cases,
-          io_threads, drop_page_cache, rounds, threads, readahead):
+          io_threads, drop_page_cache, rounds, threads, readahead, against):
     """Time MODEL resident, with half the experts cached, and with a quarter in RAM and the rest on disk."""
     import json
     from dataclasses import asdict
 
     from offload.bench import bench as run_bench
-    from offload.bench import parse_cases, parse_io_threads, parse_list, parse_page_cache, parse_readahead
+    from offload.bench import (parse_against, parse_cases, parse_io_threads, parse_list, parse_page_cache,
+                               parse_readahead)
 
+    against = parse_against(against)
+    if against:  # before reading prompts or models: one line saying how to install it, exit code 2
+        from offload.llamacpp import require_llama_cpp
+
+        require_llama_cpp()
     prompts = [line.strip() for line in open(prompts_file, encoding="utf-8") if line.strip()] if prompts_file else None
     results = run_bench(model, device, prompt_tokens, new_tokens, repeats, predictors,
                         prompts, echo=click.echo, experts=parse_list(experts) or (None,), cases=parse_cases(cases),
                         io_threads=parse_io_threads(io_threads), page_cache=parse_page_cache(drop_page_cache),
-                        rounds=rounds, threads=threads, readahead=parse_readahead(readahead))
+                        rounds=rounds, threads=threads, readahead=parse_readahead(readahead), against=against)
     if json_out:
         tmp = json_out + ".tmp"
         with open(tmp, "w") as f:

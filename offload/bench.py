@@ -17,6 +17,11 @@ generations: the bytes the process really read from storage (/proc/self/io
 `read_bytes`, readahead included) beside the expert bytes the engine counted
 (`bytes_from_disk`), and how long its threads waited on a run queue for a
 core (/proc/self/task/*/schedstat, field 2) as a share of wall time.
+
+`against="llama.cpp"` (`offload bench --against llama.cpp`) runs every case with llama.cpp too, on
+the same model written as GGUF in the matching type (offload/llamacpp.py), each right after ours of
+the same case, on the same prompt ids and threads; b runs cold in a cgroup for both engines then,
+and each llama.cpp limit holds as many experts as ours holds (`llama_cases` says how).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +40,12 @@ import numpy as np
 import torch
 
 from .cache.store import drop_from_page_cache, read_bandwidth
+from .errors import OffloadError
 from .placement import fmt_bytes
+# What the kernel saw (storage reads, run-queue waits, faults, peak RSS): in offload/procstats.py, torch-free
+# so that llama.cpp's bench child uses it too; imported under the names the bench always had.
+from .procstats import (Probe, major_faults, parse_proc_io, parse_schedstat, peak_rss,  # noqa: F401
+                        process_read_bytes, schedstat_delta, thread_schedstats)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 # Python, torch and the allocator's own footprint (about 300 MiB measured), on top of weights and
@@ -56,6 +65,11 @@ class Case:
     io_threads: int | None = None  # OffloadedExperts' I/O pool
     drop_page_cache: bool | None = None  # fadvise(DONTNEED) after each expert read
     readahead: bool | None = None  # False: fadvise(RANDOM) on the expert reader's files (no readahead)
+    # `--against llama.cpp`: the case run by llama.cpp on `model`, a GGUF file (offload/llamacpp_child.py)
+    engine: str = "offload"  # or "llama.cpp"
+    mmap: bool = True  # llama.cpp: map the file (False: read it all into RAM at load)
+    extra_bufts: bool = False  # llama.cpp: its repacked weight layouts (in RAM, not the mapped file)
+    threads: int | None = None  # llama.cpp's threads (ours go through options["threads"])
 
 
 @dataclass
@@ -81,6 +95,7 @@ class CaseResult:
     drop_page_cache: bool = False  # whether expert reads dropped their pages, as it ran
     cpu_seconds_per_token: float = 0.0  # on-CPU time of all threads per new token (prefill included)
     major_faults_per_token: float = 0.0  # page faults that read a file (code paged back in), per new token
+    engine: str = "offload"  # who ran it: this runtime, or llama.cpp (`--against llama.cpp`)
 
 
 # ---- the synthetic model ----------------------------------------------------
@@ -101,96 +116,7 @@ def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, int
     return make_synthetic(path, config, dtype=dtype, seed=seed)
 
 
-# ---- what the kernel saw: storage reads and run-queue waits -----------------------
-
-def parse_proc_io(text: str) -> dict[str, int]:
-    """The text of /proc/<pid>/io, one "name: value" a line -> {name: value}."""
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and value.strip().isdigit():
-            out[key.strip()] = int(value)
-    return out
-
-
-def process_read_bytes(path: str = "/proc/self/io") -> int:
-    """Bytes this process (all its threads, living and exited) caused to be read from storage,
-    readahead included; 0 where the kernel does not account I/O."""
-    try:
-        with open(path) as f:
-            return parse_proc_io(f.read()).get("read_bytes", 0)
-    except OSError:
-        return 0
-
-
-def parse_schedstat(text: str) -> tuple[int, int]:
-    """/proc/.../schedstat ("on-cpu ns, run-queue wait ns, timeslices") -> (on-cpu ns, wait ns)."""
-    parts = text.split()
-    return int(parts[0]), int(parts[1])
-
-
-def thread_schedstats(task_dir: str = "/proc/self/task") -> dict[int, tuple[int, int]]:
-    """Per thread of this process: (on-cpu ns, run-queue wait ns) so far; {} without schedstats."""
-    out = {}
-    try:
-        tids = os.listdir(task_dir)
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"{task_dir}/{tid}/schedstat") as f:
-                out[int(tid)] = parse_schedstat(f.read())
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended meanwhile, or no schedstats
-    return out
-
-
-def schedstat_delta(before: dict, after: dict) -> tuple[int, int]:
-    """(on-cpu ns, run-queue wait ns) summed over the threads between two `thread_schedstats`:
-    a thread born in between counts from zero; one that ended in between is lost (the kernel
-    keeps no per-thread figures for it), which undercounts and never overcounts."""
-    cpu = wait = 0
-    for tid, (c, w) in after.items():
-        c0, w0 = before.get(tid, (0, 0))
-        cpu, wait = cpu + c - c0, wait + w - w0
-    return cpu, wait
-
-
-def major_faults() -> int:
-    """Page faults of this process that had to read a file (all threads): under a tight memory limit,
-    the interpreter's and torch's own code paged back in, which read_bytes counts too."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
-
-
-class Probe:
-    """Storage reads and scheduler figures of this process over one timed stretch."""
-
-    def __init__(self):
-        self.read0, self.faults0 = process_read_bytes(), major_faults()
-        self.sched0, self.t0 = thread_schedstats(), time.perf_counter()
-
-    def stop(self) -> dict:
-        wall = time.perf_counter() - self.t0
-        cpu, wait = schedstat_delta(self.sched0, thread_schedstats())
-        return dict(process_read_bytes=process_read_bytes() - self.read0, wall_seconds=wall,
-                    on_cpu_seconds=cpu / 1e9, runqueue_wait_seconds=wait / 1e9,
-                    major_faults=major_faults() - self.faults0)
-
-
 # ---- one case, in a child process --------------------------------------------
-
-def peak_rss() -> int:
-    """This process's peak RSS. VmHWM belongs to the current address space; ru_maxrss
-    would also count the parent's RSS at fork time, which survives exec on Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def _force_engine(io_threads: int | None, drop_page_cache: bool | None) -> None:
     """In the bench child only: build the offloaded engine with these settings instead of the API's."""
@@ -210,6 +136,16 @@ def _force_engine(io_threads: int | None, drop_page_cache: bool | None) -> None:
     api.OffloadedExperts = Forced
 
 
+def prompt_ids(vocab_size: int, prompt_tokens: int, repeats: int, prompts: list[str] | None = None,
+               encode=None) -> list[list[int]]:
+    """The prompt of each timed run: the lines of `prompts` encoded (real text routes like real use),
+    else random ids from a fixed seed (synthetic models); the same for every case and engine."""
+    if prompts:
+        return [encode(prompts[r % len(prompts)])[:prompt_tokens] for r in range(repeats)]
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, vocab_size, prompt_tokens).tolist() for _ in range(repeats)]
+
+
 def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
              prompts: list[str] | None = None) -> CaseResult:
     import offload
@@ -225,13 +161,9 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
     if engine is not None and case.readahead is False:
         for fd in engine.reader.fds.values():  # an experiment: reads fetch what was asked, nothing after it
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-    rng = np.random.default_rng(0)
     runs = []
-    for r in range(repeats):
-        if prompts:  # real text routes like real use; random ids (synthetic models) do not
-            prompt = llm.tokenizer.encode(prompts[r % len(prompts)])[:prompt_tokens]
-        else:
-            prompt = rng.integers(3, llm.config.vocab_size, prompt_tokens).tolist()
+    for prompt in prompt_ids(llm.config.vocab_size, prompt_tokens, repeats, prompts,
+                             llm.tokenizer.encode if prompts else None):
         before = llm.stats.experts.total()
         probe = Probe()
         result = llm.generate(prompt, max_new_tokens=new_tokens)
@@ -275,26 +207,87 @@ def _enter_cgroup(limit: int) -> str:
     return str(group)
 
 
-def run_child(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
-              prompts: list[str] | None = None) -> CaseResult:
-    payload = json.dumps(dict(model=model, case=asdict(case), prompt_tokens=prompt_tokens,
-                              new_tokens=new_tokens, repeats=repeats, prompts=prompts))
-    group = None
-    if case.memory_limit:
-        group = _enter_cgroup(case.memory_limit)
+def _spawn(argv: list[str], memory_limit: int | None) -> subprocess.CompletedProcess:
+    """Run `argv` to its end, inside a fresh cgroup with `memory_limit` (bytes) when one is given."""
+    group = _enter_cgroup(memory_limit) if memory_limit else None
     preexec = (lambda: Path(group, "cgroup.procs").write_text(str(os.getpid()))) if group else None
     try:
-        out = subprocess.run([sys.executable, "-m", "offload.bench", payload], capture_output=True, text=True,
-                             preexec_fn=preexec)
+        return subprocess.run(argv, capture_output=True, text=True, preexec_fn=preexec)
     finally:
         if group:
             try:
                 os.rmdir(group)
             except OSError:
                 pass
+
+
+def run_child(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeats: int,
+              prompts: list[str] | None = None, ids: list[list[int]] | None = None) -> CaseResult:
+    """One case in its own process; llama.cpp's cases run `ids` (the prompts our cases run)."""
+    if case.engine == "llama.cpp":
+        return run_llama_child(case, ids, new_tokens)
+    payload = json.dumps(dict(model=model, case=asdict(case), prompt_tokens=prompt_tokens,
+                              new_tokens=new_tokens, repeats=repeats, prompts=prompts))
+    out = _spawn([sys.executable, "-m", "offload.bench", payload], case.memory_limit)
     if out.returncode != 0:
         raise RuntimeError(f"case {case.name} [{case.format}] failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return CaseResult(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+LLAMA_CHILD = Path(__file__).with_name("llamacpp_child.py")
+# The child runs by path, not through the package (which imports torch): see offload/llamacpp_child.py.
+_BY_PATH = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
+
+
+def llama_child_argv(payload: dict) -> list[str]:
+    return [sys.executable, "-c", _BY_PATH, str(LLAMA_CHILD), json.dumps(payload)]
+
+
+def run_llama_child(case: Case, ids: list[list[int]], new_tokens: int) -> CaseResult:
+    """llama.cpp's run of `case` on its GGUF (case.model), greedy from each of `ids`. Where llama.cpp's
+    repacked layouts crash the process (seen with GGML_NATIVE builds), it runs again without them."""
+    payload = dict(gguf=case.model, threads=case.threads or os.cpu_count(), mmap=case.mmap,
+                   extra_bufts=case.extra_bufts, prompts=ids, new_tokens=new_tokens)
+    out = _spawn(llama_child_argv(payload), case.memory_limit)
+    name = case.name
+    if out.returncode < 0 and case.extra_bufts:  # killed by a signal: a crash in a repacked kernel
+        payload["extra_bufts"] = False
+        out = _spawn(llama_child_argv(payload), case.memory_limit)
+        name += f" (repacked layouts crashed, signal {-out.returncode if out.returncode < 0 else ''}: without)"
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp's case {case.name} [{case.format}] failed (exit {out.returncode}"
+                           f"{', killed: the memory limit?' if out.returncode == -9 else ''}):\n{out.stderr[-3000:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    runs = got["runs"]
+    med = lambda key: statistics.median(run[key] for run in runs)  # noqa: E731
+    per_token = lambda key: statistics.median(run[key] / run["tokens"] for run in runs)  # noqa: E731
+    share = lambda key: statistics.median(run[key] / run["wall_seconds"] for run in runs)  # noqa: E731
+    how = ("file mapped (mmap)" if case.mmap else "file read into RAM") + (
+        ", repacking allowed" if payload["extra_bufts"] else "")
+    return CaseResult(
+        name=name, placement=f"llama.cpp, {how}", load_seconds=got["load_seconds"],
+        tokens_per_second=med("tokens_per_second"), time_to_first_token=med("time_to_first_token"), hit_rate=0.0,
+        bytes_from_disk_per_token=0.0, bytes_to_device_per_token=0.0, misses_per_token=0.0,
+        stall_seconds_per_token=0.0, peak_rss=got["peak_rss"], baseline_rss=got["baseline_rss"], runs=runs,
+        format=case.format, process_read_bytes_per_token=per_token("process_read_bytes"),
+        runqueue_wait_share=share("runqueue_wait_seconds"), on_cpu_share=share("on_cpu_seconds"),
+        cpu_seconds_per_token=per_token("on_cpu_seconds"), major_faults_per_token=per_token("major_faults"),
+        engine="llama.cpp")
+
+
+def llama_baseline_rss() -> int:
+    """Peak RSS of llama.cpp's bench child with nothing loaded: the interpreter and the library."""
+    out = _spawn(llama_child_argv(dict(baseline_only=True)), None)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp's bench child failed to start (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["baseline_rss"]
+
+
+def offload_baseline_rss() -> int:
+    """The same for our bench child: the interpreter with torch and this package imported."""
+    out = subprocess.run([sys.executable, "-c", "import offload.bench; print(offload.bench.peak_rss())"],
+                         capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
 # ---- the whole benchmark ------------------------------------------------------
@@ -382,7 +375,7 @@ def format_directory(model: str, experts: str | None) -> tuple[Path, str, str | 
 def case_budgets(cfg, eb: int, resident: int, device: str, cgroups: bool = True) -> dict:
     """The expert budgets of cases b and c in one format's bytes (`eb` per expert): (b) half the
     experts cached where they are computed, (c) a quarter (at least top_k per layer) in RAM, and
-    c's cgroup limit (None without a cgroup-v1 memory controller)."""
+    the cgroup limits of c (and of b, when it runs confined) (None without a cgroup-v1 memory controller)."""
     layers = sum(cfg.sparse_layers)
     total = layers * cfg.num_experts
     half, quarter = total // 2, max(total // 4, layers * cfg.top_k)
@@ -393,20 +386,23 @@ def case_budgets(cfg, eb: int, resident: int, device: str, cgroups: bool = True)
         b_opts = dict(device=device, gpu_memory=resident + half * eb, cpu_memory=total * eb)
         c_opts = dict(device=device, gpu_memory=resident + half * eb, cpu_memory=quarter * eb)
     limit = resident + quarter * eb + RUNTIME_OVERHEAD if cgroups else None
-    return dict(b=b_opts, c=c_opts, limit=limit, total=total)
+    b_limit = resident + half * eb + RUNTIME_OVERHEAD if cgroups else None
+    return dict(b=b_opts, c=c_opts, limit=limit, b_limit=b_limit, total=total, in_memory={"b": half, "c": quarter})
 
 
 def default_cases(model: str, device: str, predictors=("none", "gate"), experts: str | None = None,
                   cases=CASES, io_threads=(None,), page_cache=(None,), fmt_name: str = "",
-                  threads: int | None = None, readahead=(None,)) -> tuple[list[Case], dict]:
+                  threads: int | None = None, readahead=(None,), confine_b: bool = False) -> tuple[list[Case], dict]:
     """(a) resident, (b) experts in RAM with a compute-side cache of half the
     experts, (c) experts on disk with a RAM budget of a quarter of them; (b)
     and (c) once per predictor, to show what prefetching saves; (c) also once per
     forced I/O pool size, page-cache setting and readahead setting asked for (None: the engine's own).
+    `confine_b`: (b) too runs cold in a cgroup (resident + half the experts + the overhead), so that
+    the page cache cannot hold the other half (as llama.cpp's b runs, `--against llama.cpp`).
     `model` is a directory whose experts are stored in `experts` (None: as stored);
     budgets count that format's bytes. `threads`: torch's CPU threads in every case (None: torch's default)."""
     from .checkpoint import Checkpoint
-    from .config import RuntimeConfig, resolve_device
+    from .config import RuntimeConfig, default_threads, resolve_device
     from .placement import expert_bytes, resident_bytes
 
     ckpt = Checkpoint(model)
@@ -424,9 +420,12 @@ def default_cases(model: str, device: str, predictors=("none", "gate"), experts:
     if "a" in cases:
         out.append(Case("a: resident", dict(device=device, **with_format), **common))
     if "b" in cases:
+        confined = dict(memory_limit=budgets["b_limit"], cold=True) if confine_b and budgets["b_limit"] else {}
+        if confined:
+            b_name = "b: RAM 1/2 (cgroup)"
         for predictor in predictors:
             out.append(Case(f"{b_name}, {predictor}", dict(budgets["b"], predictor=predictor, **with_format),
-                            **common))
+                            **confined, **common))
     if "c" in cases:
         for predictor in predictors:
             for io, drop, ahead in itertools.product(io_threads, page_cache, readahead):
@@ -439,7 +438,9 @@ def default_cases(model: str, device: str, predictors=("none", "gate"), experts:
                                 memory_limit=budgets["limit"], cold=True, io_threads=io, drop_page_cache=drop,
                                 readahead=ahead, **common))
     info = dict(expert_bytes=eb, total_experts=budgets["total"], resident_bytes=resident, files=files,
-                limit=budgets["limit"], budgets={"b": budgets["b"].get("cpu_memory"), "c": budgets["c"]["cpu_memory"]})
+                limit=budgets["limit"], budgets={"b": budgets["b"].get("cpu_memory"), "c": budgets["c"]["cpu_memory"]},
+                b_limit=budgets["b_limit"] if confine_b else None, in_memory=budgets["in_memory"],
+                threads=threads or default_threads(cfg), vocab_size=cfg.vocab_size)
     return out, info
 
 
@@ -485,18 +486,113 @@ def merge(rounds: list[CaseResult]) -> CaseResult:
     return CaseResult(**out)
 
 
+AGAINST = {"llama.cpp": "llama.cpp", "llamacpp": "llama.cpp", "llama-cpp": "llama.cpp", "llama_cpp": "llama.cpp"}
+
+
+def parse_against(text) -> str | None:
+    """`--against`: None or "" -> None (no peer); "llama.cpp" (the one peer built) -> "llama.cpp"."""
+    if text is None or not str(text).strip():
+        return None
+    name = AGAINST.get(str(text).strip().lower())
+    if name is None:
+        raise OffloadError(f"--against {text!r}: the peer built is llama.cpp (--against llama.cpp)")
+    return name
+
+
+def llama_cases(model: str, formats, planned: list[list[Case]], infos: dict, cases, echo=print):
+    """Per format of ours, llama.cpp's cases on the same model written as GGUF in the matching type
+    (offload/llamacpp.py; once, cached), each placed right after ours of the same letter:
+      a  the file read into RAM at load (no mmap), llama.cpp's repacked layouts allowed: resident;
+      b  the file mapped, cold, in a cgroup holding half the experts,
+      c  the same with a quarter of them.
+    A cgroup holds llama.cpp's other weights plus the same NUMBER of experts ours holds, in its own
+    format's bytes, plus our RUNTIME_OVERHEAD less what torch and this package cost our child over
+    llama.cpp's bare child (both measured here): neither side gets more room for weights.
+    -> (the run order per format, {our format: llama.cpp's type})."""
+    from .checkpoint import Checkpoint
+    from .llamacpp import gguf_copy, gguf_sizes, gguf_type
+
+    ours_base, theirs_base = offload_baseline_rss(), llama_baseline_rss()
+    overhead = RUNTIME_OVERHEAD - max(0, ours_base - theirs_base)
+    out, pairs = [], {}
+    for (path, name, _), ours in zip(formats, planned):
+        ckpt = Checkpoint(path)
+        ckpt.close()
+        qtype = gguf_type(ckpt.expert_format.kind)
+        info = infos[name]
+        gguf = gguf_copy(model, qtype, echo)
+        resident, per_expert = gguf_sizes(gguf, info["total_experts"])
+        limits = ({k: int(resident + n * per_expert + overhead) for k, n in info["in_memory"].items()}
+                  if info["limit"] else {})
+        common = dict(model=str(gguf), format=qtype, engine="llama.cpp", threads=info["threads"])
+        theirs = {"a": Case("a: resident", {}, mmap=False, extra_bufts=True, **common),
+                  "b": Case("b: RAM 1/2 (cgroup), mmap", {}, memory_limit=limits.get("b"), cold=True, **common),
+                  "c": Case("c: RAM 1/4, disk (cgroup), mmap", {}, memory_limit=limits.get("c"), cold=True, **common)}
+        out.append([c for letter in cases for c in [*(o for o in ours if o.name.startswith(letter + ":")),
+                                                    theirs[letter]]])
+        pairs[name] = qtype
+        echo(f"  llama.cpp {qtype} ({gguf}): {fmt_bytes(per_expert)} per expert, other weights {fmt_bytes(resident)}; "
+             f"threads {info['threads']}"
+             + "".join(f", cgroup limit for {k} {fmt_bytes(v)}" for k, v in limits.items()))
+    if limits:
+        echo(f"  (each llama.cpp limit: its other weights + as many experts as ours holds + {fmt_bytes(overhead)}: "
+             f"our {fmt_bytes(RUNTIME_OVERHEAD)} overhead less the {fmt_bytes(max(0, ours_base - theirs_base))} "
+             f"our bare child takes over llama.cpp's ({fmt_bytes(ours_base)} with torch, {fmt_bytes(theirs_base)}))")
+    return out, pairs
+
+
+def report_against(ours: list[CaseResult], theirs: list[CaseResult], pairs: dict, echo=print) -> None:
+    """Ours beside llama.cpp's run of the same case, in the matching format, and the ratio."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        peer = f"llama.cpp (llama-cpp-python {version('llama-cpp-python')})"
+    except PackageNotFoundError:
+        peer = "llama.cpp"
+    width = max([len(r.name) for r in ours] + [4])
+    echo("")
+    echo(f"against {peer}: the same weights as GGUF, the same prompt ids, greedy, as many new tokens, as many threads")
+    echo(f"{'case':{width}} {'ours':>8} {'tok/s':>7} {'llama.cpp':>9} {'tok/s':>7} {'ours/llama':>10} "
+         f"{'their TTFT s':>12} {'their MB read/tok':>17} {'their peak RSS':>14}  how llama.cpp ran")
+    ratios_by = {}
+    for r in ours:
+        t = next((t for t in theirs if t.format == pairs.get(r.format) and t.name[:2] == r.name[:2]), None)
+        if t is None:
+            continue
+        ratio = r.tokens_per_second / t.tokens_per_second if t.tokens_per_second else None
+        ratios_by.setdefault(r.name[0], []).append((ratio, r, t))
+        echo(f"{r.name:{width}} {r.format:>8} {r.tokens_per_second:7.2f} {t.format:>9} {t.tokens_per_second:7.2f} "
+             f"{f'{ratio:.2f}x' if ratio else '-':>10} {t.time_to_first_token:12.2f} "
+             f"{t.process_read_bytes_per_token / 1e6:17.1f} {fmt_bytes(t.peak_rss):>14}  {t.placement}")
+    targets = (("a", 1.0, "resident, same format"), ("c", 2.0, "a quarter of the experts in memory, llama.cpp mmap"))
+    for letter, want, what in targets:
+        for ratio, r, t in ratios_by.get(letter, []):
+            if ratio is not None:
+                echo(f"target {want:.1f}x ({what}): {r.name} [{r.format} vs {t.format}] {ratio:.2f}x, "
+                     + ("met" if ratio >= want else "not met"))
+
+
 def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: int = 32, repeats: int = 3,
           predictors=("none", "gate"), prompts: list[str] | None = None, echo=print, experts=(None,),
           cases=CASES, io_threads=(None,), page_cache=(None,), rounds: int = 1,
-          threads: int | None = None, readahead=(None,)) -> list[CaseResult]:
+          threads: int | None = None, readahead=(None,), against: str | None = None) -> list[CaseResult]:
     """Run the cases for each expert format in `experts` (None: as stored; e.g. ("bf16", "int8",
     "int4")), formats interleaved; the first format is the reference of the second ratio. With
-    `rounds` > 1 the whole sequence runs that many times and each figure is the median over rounds."""
+    `rounds` > 1 the whole sequence runs that many times and each figure is the median over rounds.
+    `against="llama.cpp"`: llama.cpp runs each case too, right after ours (see `llama_cases`)."""
+    against = parse_against(against)
+    if against:
+        from .llamacpp import require_llama_cpp
+
+        require_llama_cpp()  # before anything slow: one line saying how to install it
+        if torch.device(device).type != "cpu":
+            raise OffloadError(f"--against llama.cpp compares on the CPU (llama.cpp's CPU build); "
+                               f"drop --device {device}")
     formats = [format_directory(model, e) for e in (experts or (None,))]
     planned, infos = [], {}
     for path, name, option in formats:
         cs, info = default_cases(str(path), device, predictors, option, cases, io_threads, page_cache, name,
-                                 threads, readahead)
+                                 threads, readahead, confine_b=bool(against))
         planned.append(cs)
         infos[name] = info
     first = infos[formats[0][1]]
@@ -509,15 +605,26 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
         budgets = info["budgets"]
         echo(f"  {name}: {fmt_bytes(info['expert_bytes'])} per expert; expert budgets b "
              f"{fmt_bytes(budgets['b']) if budgets['b'] else '-'}, c {fmt_bytes(budgets['c'])}"
+             + (f", cgroup limit for b {fmt_bytes(info['b_limit'])}" if info.get("b_limit") else "")
              + (f", cgroup limit for c {fmt_bytes(info['limit'])}" if info["limit"] else ""))
     if first["limit"] is None and "c" in cases:
         echo("(no cgroup-v1 memory controller here: case c runs unconfined, the page cache may hide the disk)")
+    ids, pairs = None, {}
+    if against:  # llama.cpp's cases, each right after ours of the same letter, on the prompts ours run
+        planned, pairs = llama_cases(model, formats, planned, infos, cases, echo)
+        vocab = infos[formats[0][1]]["vocab_size"]
+        encode = None
+        if prompts:
+            from .tokenizer import Tokenizer
+
+            encode = Tokenizer(formats[0][0]).encode
+        ids = prompt_ids(vocab, prompt_tokens, repeats, prompts, encode)
     cold_bw = None
     order = interleave(planned)
     per_case: list[list[CaseResult]] = [[] for _ in order]
     for round_ in range(rounds):
         for case, done in zip(order, per_case):
-            files = infos[case.format]["files"]
+            files = [case.model] if case.engine != "offload" else infos[case.format]["files"]
             if case.cold:
                 drop_from_page_cache(files)
                 if cold_bw is None:
@@ -525,8 +632,10 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
                     drop_from_page_cache(files)
             echo(f"  running {case.name} [{case.format}]" + (f", round {round_ + 1}/{rounds}" if rounds > 1 else "")
                  + f" (load average {os.getloadavg()[0]:.1f}) ...")
-            done.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts))
+            done.append(run_child(model, case, prompt_tokens, new_tokens, repeats, prompts, ids))
     results = [merge(done) for done in per_case]
+    theirs = [r for r in results if r.engine != "offload"]
+    results = [r for r in results if r.engine == "offload"]
     ref_files = infos[formats[0][1]]["files"]
     read_bandwidth(ref_files, limit=512 << 20)  # bring these bytes into the page cache...
     warm_bw = read_bandwidth(ref_files, limit=512 << 20)  # ...then time a RAM-to-RAM copy of them
@@ -541,7 +650,9 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
          + (f"; cold disk read {cold_bw / 1e9:.2f} GB/s" if cold_bw else "")
          + (f"; pinned host -> device {link_bw / 1e9:.2f} GB/s" if link_bw else ""))
     report_bounds(results, warm_bw, cold_bw, echo, link_bw)
-    return results
+    if against:
+        report_against(results, theirs, pairs, echo)
+    return results + theirs
 
 
 def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | None, echo=print,
