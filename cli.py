@@ -34,6 +34,9 @@ def _runtime_options(fn):
         click.option("--experts", default=None,
                      help="Expert format: int8 or int4 (int4-g32/-g64/-g128), lossy; an unquantized MODEL is "
                           "quantized once into the cache. Default: as stored."),
+        click.option("--dense", default=None, type=click.Choice(["int8"]),
+                     help="Also keep the attention projections, dense MLPs and LM head in int8 (lossy; fewer bytes "
+                          "per token, for CPU decode). Default: the compute dtype."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -564,13 +567,15 @@ def check_gpu(workdir, device, shapes, tokens, repeats, no_accelerate, tiny):
 @click.option("--device", default="auto", show_default=True, help="Compute device: auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default=None, help="Compute dtype (float32, bfloat16, float16); default: the checkpoint's.")
 @click.option("--threads", default=None, type=int, help="CPU threads for matmuls; default: torch's (one per core).")
-def eval_quality(model_a, model_b, text_file, window, max_tokens, experts_b, device, dtype, threads):
+@click.option("--dense-b", default=None, type=click.Choice(["int8"]),
+              help="Load MODEL_B with its attention, dense MLPs and LM head in int8 (see --dense).")
+def eval_quality(model_a, model_b, text_file, window, max_tokens, experts_b, dense_b, device, dtype, threads):
     """Perplexity of MODEL_A (the reference) and MODEL_B on the --text FILE, KL(A || B) of their next-token
     distributions and how often their likeliest tokens agree: what a lossy format costs."""
     from offload.quality import compare
 
     report = compare(model_a, model_b, text_file, window=window, max_tokens=max_tokens or None,
-                     experts_b=experts_b, progress=True, echo=lambda m: click.echo(m, err=True),
+                     experts_b=experts_b, dense_b=dense_b, progress=True, echo=lambda m: click.echo(m, err=True),
                      device=device, dtype=dtype, threads=threads)
     click.echo(report.table())
 

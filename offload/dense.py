@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import OffloadError
+from .kernels import dequant_tokens
 from .quant import dequantize_int8, quantize_int8
 
 DENSE_FORMATS = ("int8",)
@@ -44,11 +45,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # [M, K]
-        if self.fast:
+        if self.fast and x2.shape[0] < dequant_tokens("int8"):  # decode-sized: the weight-only kernel
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)  # [M, N]
             if self.bias is not None:
                 y = y + self.bias
-        else:  # a device or width the kernel does not take: the weights dequantized per call
+        else:  # prefill-sized (the kernel is slower there, as for experts), or a device or width it
+            # does not take: the weights dequantized per call
             y = F.linear(x2, dequantize_int8(self.q, self.scale, x.dtype), self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
