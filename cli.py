@@ -27,7 +27,8 @@ def _runtime_options(fn):
         click.option("--cache-split", default="auto", show_default=True,
                      help="Expert slots in equal per-layer shares (layer), one pool (global), or auto: "
                           "per layer when every layer's share holds top_k experts, else global."),
-        click.option("--predictor", default="gate", show_default=True, help="Expert prefetch predictor: none, gate, learned, affinity."),
+        click.option("--predictor", default="gate", show_default=True,
+                     help="Expert prefetch predictor: none, gate, learned, affinity, routing."),
         click.option("--profile", default=None, help="Hardware profile name or TOML path."),
         click.option("--threads", default=None, type=int,
                      help="CPU threads for matmuls (torch's intra-op pool); default: torch's (one per core)."),
@@ -371,9 +372,7 @@ def train_predictor(model, trace_dir, lookahead, epochs, out):
               help="Training epochs of the learned predictor.")
 def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
     """Recall and precision of each predictor on a trace, and cache hit rates with and without prefetch."""
-    from offload.predictors.affinity import AffinityPredictor
-    from offload.predictors.evaluate import report
-    from offload.predictors.gate import GatePredictor, routers_from_checkpoint
+    from offload.predictors.evaluate import predictor_factory, report
     from offload.predictors.learned import LearnedPredictor
     from offload.predictors.trace import load_trace
 
@@ -382,16 +381,17 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
         raise OffloadError(f"--slots-per-layer {slots_per_layer} must be between top_k ({recorded.top_k}) and the "
                            f"number of experts ({recorded.num_experts})")
     fit, test = recorded.split(train_fraction)
-    vocab = int(recorded.token_ids.max()) + 1
     click.echo(f"fitted on {fit.num_tokens} tokens, scored on {test.num_tokens} (a {train_fraction:g} split by "
                "tokens)" + ("" if recorded.header.get("has_token_ids", True) else
                             "; no token ids in this trace: affinity's token prior is one frequency prior"))
     predictors = {}
     if model is not None and test.hidden is not None:
-        predictors["gate"] = GatePredictor(routers_from_checkpoint(offload.checkpoint.resolve_model_path(model)))
+        model_path = offload.checkpoint.resolve_model_path(model)
+        predictors["gate"] = predictor_factory("gate", recorded, model_path)(fit)
     if fit.hidden is not None:
         predictors["learned"] = LearnedPredictor.train(fit, epochs=epochs, progress=True)
-    predictors["affinity"] = AffinityPredictor(recorded.num_layers, recorded.num_experts, vocab).fit(fit)
+    for name in ("affinity", "routing"):  # routing only: they run on every trace
+        predictors[name] = predictor_factory(name, recorded)(fit)
     missing = [n for n in ("gate", "learned") if n not in predictors]
     if missing:
         click.echo(f"{', '.join(missing)}: n/a (they need a trace recorded with --hidden"
@@ -409,7 +409,9 @@ def eval_predictor(trace_dir, model, slots_per_layer, train_fraction, epochs):
                    "a config.json, a model "
                    "directory, or a hub id (only its config.json is downloaded).")
 @click.option("--policy", default="lru", show_default=True, help="Cache policy: lru, lfu or score.")
-@click.option("--predictor", default="none", show_default=True, help="none, gate, learned or affinity.")
+@click.option("--predictor", default="none", show_default=True,
+              help="none, routing, affinity, learned, gate; NAME:topk fetches the predicted top-k every step "
+                   "(default: by expected gain, calibrated on the trace's first half).")
 @click.option("--cpu/--no-cpu", default=True, show_default=True, help="Allow computing missed experts on the CPU.")
 @click.option("--model", default=None, help="Model directory, for the gate predictor's routers.")
 @click.option("--gpu-memory", default=None, help="Device budget (default: the profile's memory less 1 GiB).")
@@ -448,7 +450,7 @@ def simulate(trace_dir, profile_name, shape, policy, predictor, cpu, model, gpu_
              f"{'disk MB/tok':>11} {'link MB/tok':>11} {'slots dev/host':>14} split"
     click.echo(header)
     profiles = shipped_profiles() if table else [profile_name]
-    predictors = ("none", "affinity", "learned", "gate") if table else (predictor,)
+    predictors = ("none", "routing", "affinity", "learned", "gate") if table else (predictor,)
     scores = {}
     for name in predictors:
         try:

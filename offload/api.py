@@ -215,6 +215,10 @@ class Runtime:
                 raise OffloadError(f"predictor='learned' needs {path}; train it with "
                                    f"`offload train-predictor {self.path} --trace DIR`, or use predictor='gate'")
             predictor = LearnedPredictor.load(path, layers, cfg.num_experts, cfg.hidden_size).to(self.device)
+        elif name == "routing":
+            from .predictors.routing import RoutingPredictor
+
+            predictor = RoutingPredictor(layers, cfg.num_experts, cfg.top_k)  # learns online
         else:
             predictor = AffinityPredictor(layers, cfg.num_experts, cfg.vocab_size)  # learns online
         return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k)

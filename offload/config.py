@@ -234,7 +234,7 @@ def parse_memory(value, what: str) -> int | None:
 
 
 CACHE_POLICIES = ("lru", "lfu", "score")
-PREDICTORS = ("none", "gate", "learned", "affinity")
+from .predictors import NAMES as PREDICTORS  # noqa: E402  (one list of names for every entry point)
 CACHE_SPLITS = ("auto", "layer", "global")
 
 

@@ -114,7 +114,6 @@ def transformers_rate(path: Path, device: torch.device, new: int, repeats: int, 
     run(2)
     short = statistics.median(run(1) for _ in range(repeats))
     long = statistics.median(run(new + 1) for _ in range(repeats))
-    del model
     return new / max(long - short, 1e-9)
 
 

@@ -4,45 +4,136 @@ whether to fetch at all for a layer whose predictions have stopped paying.
 At most `limit` experts per target layer and step are fetched ahead: the
 speculative bytes per step are capped at limit x expert size per layer.
 
-Per target layer it keeps the outcome of the last `window` prefetch
-candidates (predicted experts that were not cached: requested or not). Below `threshold` precision the layer's prefetches stop
-(the default 0.5: a wrong prefetch evicts an expert that may be needed, so
-below about one right guess in two prefetching costs more misses than it saves);
-predictions go on in the shadow, and prefetching resumes once their
-precision is back above the threshold. Pure bookkeeping: the engine moves
-the bytes.
+Two rules decide which of them go:
+
+- By precision (the default, what the engine runs). Per target layer it keeps
+  the outcome of the last `window` prefetch candidates (predicted experts that
+  were not cached: requested or not). Below `threshold` precision the layer's
+  prefetches stop (the default 0.5: a wrong prefetch evicts an expert that may
+  be needed, so below about one right guess in two prefetching costs more
+  misses than it saves); predictions go on in the shadow, and prefetching
+  resumes once their precision is back above the threshold.
+
+- By expected gain, given `calibration` (scores -> probabilities,
+  predictors/calibrate.py). An expert needed with probability p is fetched
+  ahead only where
+
+      p * miss  >  MARGIN * (max(0, fetch - slack) + evictions)
+
+  `miss`: the seconds a demand miss of it adds to its layer step, beside the
+  other misses expected there (`MissCost`, from the scheduler); `fetch`: the
+  seconds the link (on a CPU, the disk) is busy with it, of which only what
+  outlasts the `slack` (link time left before the next layer needs it) costs
+  anything, right or wrong; `evictions`: the expected seconds lost to what it
+  pushes out of full tiers (`Evictions`, learned from the run's own evictions);
+  MARGIN > 1 leaves near-even trades alone. `gain` is that rule; the simulator
+  gives it each step's own slack, misses and victims, the engine fixed
+  `costs`. The window then corrects the calibration online instead of
+  switching layers off: per target layer, the probabilities are scaled by
+  (what came true + 2) / (what was expected + 2) over the window, so a
+  predictor that has drifted from its training split fetches less, down to
+  nothing but free fetches.
+
+Pure bookkeeping: the engine (or the simulator) moves the bytes.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
 
 from .predictors.base import Predictor, rank
+from .scheduler import CostModel, ExpertWork, schedule
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per expert, for the gain rule where no simulator knows the step's own figures."""
+
+    fetch: float  # the link (on a CPU, the disk) busy with one speculative fetch
+    miss: float  # what a demand miss adds to its layer step
+    slack: float = 0.0  # link time per layer step that a prefetch can take without delaying the next
+    victim: float = 0.0  # expected seconds lost to the expert a prefetch evicts
+
+    def __post_init__(self):
+        if min(self.fetch, self.miss, self.slack, self.victim) < 0:
+            raise ValueError("fetch, miss, slack and victim are seconds: none may be negative")
+
+
+MARGIN = 1.25  # costs are weighed up by this much: a fetch must save clearly more than it costs
+
+
+def gain(p: float, fetch: float, miss: float, slack: float, victim: float = 0.0) -> float:
+    """Expected seconds saved by fetching ahead an expert needed with probability p (see the module
+    docstring), its costs weighed up by MARGIN (calibration and the cost figures err: where the
+    trade is near even, it is not worth the risk); fetch it only where this is positive.
+    `victim`: the expected seconds its evictions cost."""
+    return p * miss - MARGIN * (max(0.0, fetch - max(0.0, slack)) + victim)
 
 
 class Prefetcher:
     def __init__(self, predictor: Predictor, top_k: int, limit: int, threshold: float = 0.5,
-                 window: int = 64, min_samples: int = 16):
+                 window: int = 64, min_samples: int = 16, calibration=None, costs: Costs | None = None):
         self.predictor, self.top_k, self.limit = predictor, top_k, limit
         self.threshold, self.min_samples = threshold, min_samples
         self.window_size = window
-        self.outcomes: dict[int, deque] = {}
+        self.calibration, self.costs = calibration, costs
+        self.outcomes: dict[int, deque] = {}  # target -> (probability or None, came true) per candidate
         self.enabled: dict[int, bool] = {}
-        self.predicted: dict[int, set[int]] = {}  # target -> uncached experts predicted for its next step
+        self.predicted: dict[int, dict[int, float | None]] = {}  # target -> uncached experts predicted, their p
         self.waiting: dict[int, set[int]] = {}  # target -> experts actually fetched ahead for it
+        self.given: dict[int, np.ndarray] = {}  # target -> the probabilities `plan` last gave its experts
+
+    @property
+    def by_gain(self) -> bool:
+        return self.calibration is not None
 
     def plan(self, pos: int, hidden, tokens, chosen) -> dict[int, list[int]]:
-        """Predicted experts per target MoE position, best first (for every target; see `active`)."""
+        """Predicted experts per target MoE position, best first (for every target; see `active`).
+        By gain with `costs`: only those whose expected gain is positive, the link's slack spent in order."""
         scores = self.predictor.scores(pos, hidden if self.predictor.needs_hidden else None, tokens, chosen)
         self.predictor.observe(pos, tokens, chosen)
-        return {target: rank(s, self.top_k, self.limit) for target, s in scores.items()}
+        out = {}
+        for target, s in scores.items():
+            ranked = rank(s, self.top_k, self.limit)
+            if self.by_gain and self.costs is not None:
+                p, c = self.probabilities(target, s), self.costs
+                self.given[target] = p
+                keep, slack = [], c.slack
+                for e in ranked:
+                    if gain(p[e], c.fetch, c.miss, slack, c.victim) > 0:
+                        keep.append(e)
+                        slack -= c.fetch
+                ranked = keep
+            out[target] = ranked
+        return out
+
+    def probabilities(self, target: int, scores: np.ndarray) -> np.ndarray:
+        """[N, E] or [E] scores -> [E]: P(some token of the step needs the expert at `target`), as
+        calibrated, times the target's online correction."""
+        p = np.atleast_2d(self.calibration(scores))
+        either = 1.0 - np.prod(1.0 - p, axis=0)  # [E]
+        return np.clip(either * self.reliability(target), 0.0, 1.0)
+
+    def reliability(self, target: int) -> float:
+        """What came true over what the calibrated probabilities expected, over the window (1 at first)."""
+        window = [(p, hit) for p, hit in self.outcomes.get(target, ()) if p is not None]
+        return (sum(hit for _, hit in window) + 2.0) / (sum(p for p, _ in window) + 2.0)
 
     def active(self, target: int) -> bool:
+        if self.by_gain:
+            return True  # the gain rule decides expert by expert
         return self.enabled.setdefault(target, True)
 
-    def candidates(self, target: int, experts: list[int]) -> None:
-        """The predicted experts that were not cached: what a prefetch fetches (or, off, would have)."""
-        self.predicted[target] = set(experts)
+    def candidates(self, target: int, experts: list[int], probabilities=None) -> None:
+        """The predicted experts that were not cached: what a prefetch fetches (or, off, would have);
+        with the probabilities the gain rule gave them (a mapping or array indexed by expert; by
+        default those `plan` gave)."""
+        if probabilities is None:
+            probabilities = self.given.pop(target, None)
+        self.predicted[target] = {e: (None if probabilities is None else float(probabilities[e])) for e in experts}
 
     def issued(self, target: int, expert: int) -> None:
         self.waiting.setdefault(target, set()).add(expert)
@@ -56,10 +147,82 @@ class Prefetcher:
         if not predicted:
             return
         window = self.outcomes.setdefault(pos, deque(maxlen=self.window_size))
-        window.extend(e in requested for e in predicted)
+        window.extend((p, e in requested) for e, p in predicted.items())
         if len(window) >= self.min_samples:
-            self.enabled[pos] = sum(window) / len(window) >= self.threshold
+            self.enabled[pos] = sum(hit for _, hit in window) / len(window) >= self.threshold
 
     def precision(self, pos: int) -> float | None:
         window = self.outcomes.get(pos)
-        return sum(window) / len(window) if window else None
+        return sum(hit for _, hit in window) / len(window) if window else None
+
+
+class Evictions:
+    """What one more admission into a full tier costs, in expected seconds, learned as the run goes.
+
+    An LRU (or FIFO) tier of C slots that admits one expert more than it would have evicts its
+    oldest expert one admission early, and so on down the queue for as long as the extra expert
+    stays: about C evictions, each one admission early. Such an early eviction costs a miss when
+    the victim is requested before the admission that would have evicted it anyway. This watches
+    every eviction (by demand or prefetch: the victim is the policy's either way) and adds up what
+    those requests cost (where the victim then was); one more admission costs C x that per
+    eviction. Until evictions settle, half the `prior` (the costlier miss) per eviction, worth two
+    (cautious: early prefetches must not cost)."""
+
+    def __init__(self, capacity: int, per_layer: bool, prior: float):
+        self.capacity, self.per_layer = max(1, capacity), per_layer
+        self.admissions: dict = {}  # group -> experts admitted so far
+        self.watched: dict = {}  # evicted key -> (group, admissions of its group then)
+        self.lost, self.settled, self.prior = 0.0, 0, prior
+
+    def admitted(self, key, evicted=None) -> None:
+        group = key[0] if self.per_layer else None
+        self._settle(group)
+        self.admissions[group] = self.admissions.get(group, 0) + 1
+        if evicted is not None:
+            self.watched[evicted] = (group, self.admissions[group])
+
+    def _settle(self, group) -> None:
+        """Victims of `group` not requested before its next admission: evicting them early cost nothing."""
+        at = self.admissions.get(group, 0)
+        for key, (g, when) in list(self.watched.items()):
+            if g == group and when <= at:
+                del self.watched[key]
+                self.settled += 1
+
+    def requested(self, key, seconds: float) -> None:
+        """`key` was requested and is not in the tier: a miss of `seconds` if it was evicted early."""
+        if self.watched.pop(key, None) is not None:
+            self.settled += 1
+            self.lost += seconds
+
+    def seconds(self) -> float:
+        """Expected seconds one more admission costs."""
+        return self.capacity * (self.lost + self.prior) / (self.settled + 2.0)
+
+
+class MissCost:
+    """What one demand miss adds to a decode layer step, beside the misses it shares the step with,
+    as the scheduler plans it: a host miss computed on the CPU while a disk read runs costs next to
+    nothing, alone it costs its CPU time or its copy. From the scheduler's layer time with h misses
+    from host RAM and d from disk (0..top_k each), interpolated between whole counts."""
+
+    def __init__(self, cost: CostModel, top_k: int, allow_cpu: bool):
+        self.top_k = top_k
+        self.grid = np.array([[schedule([ExpertWork(i, 1, "host") for i in range(h)]
+                                        + [ExpertWork(h + i, 1, "disk") for i in range(d)], cost, allow_cpu).time
+                               for d in range(top_k + 1)] for h in range(top_k + 1)])  # [h, d] seconds
+        self.alone = {"host": float(self.grid[1, 0] - self.grid[0, 0]),  # a miss alone in its step
+                      "disk": float(self.grid[0, 1] - self.grid[0, 0])}
+
+    def of(self, where: str, host: float, disk: float) -> float:
+        """A miss from `where` ("host" or "disk") beside `host` and `disk` other misses (expected counts)."""
+        more = (1.0, 0.0) if where == "host" else (0.0, 1.0)
+        return self._time(host + more[0], disk + more[1]) - self._time(host, disk)
+
+    def _time(self, h: float, d: float) -> float:
+        k, t = self.top_k, self.grid
+        h, d = min(max(h, 0.0), k), min(max(d, 0.0), k)
+        h0, d0 = min(int(h), k - 1), min(int(d), k - 1)
+        fh, fd = h - h0, d - d0
+        return float((1 - fh) * (1 - fd) * t[h0, d0] + fh * (1 - fd) * t[h0 + 1, d0]
+                     + (1 - fh) * fd * t[h0, d0 + 1] + fh * fd * t[h0 + 1, d0 + 1])

@@ -9,7 +9,11 @@ engine decide. What is modeled: each layer step's time is the scheduler's
 plan time plus the non-expert work of the layer (attention and the rest, at
 the batch-1 throughput); prefetches for the next layer use the link (on a
 CPU, the disk) once the layer's own fetches are done, and whatever outlasts
-the layer delays the next one, as the engine waits for them.
+the layer delays the next one, as the engine waits for them (the link is
+serial: that layer's own fetches queue behind them). From a predictor's
+calibrated probabilities (`predictor_scores`) an expert is prefetched only
+where its expected gain is positive (offload/prefetch.py `gain`); from raw
+scores, the predicted top-k every step.
 
 Sizes come from a model's config.json (shipped for Mixtral-8x7B and two Qwen
 MoE models, or any local file or hub id: only config.json is fetched), and
@@ -31,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache.policy import make_policy
@@ -41,9 +46,12 @@ from .formats import ExpertFormat, parse_experts, stored_format
 from .kernels import cpu_weight_only
 from .models import family_for
 from .placement import Placement, expert_format, plan, resident_bytes
-from .predictors.base import rank
+from .predictors.base import Predictor, rank
+from .predictors.calibrate import Probabilities
+from .prefetch import Evictions, MissCost, Prefetcher, gain
 from .profile import HardwareProfile
 from .scheduler import CostModel, ExpertWork, schedule
+from .stats import ExpertCounters
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
@@ -188,6 +196,16 @@ class _Replay:
         self.issued = self.used = 0
         self.carry = 0.0  # the last layer's prefetches still arriving
         self.arrived: dict[int, set] = {}  # layer -> experts prefetched for its next step
+        # Calibrated scores: prefetch by expected gain (prefetch.py), each miss priced by the
+        # scheduler itself, what evictions cost learned as the replay goes.
+        self.by_gain = isinstance(scores, Probabilities)
+        self.prefetcher = Prefetcher(Predictor(), cfg.top_k, cfg.top_k, calibration=lambda p: p)
+        self.counters = ExpertCounters()
+        self.miss = MissCost(self.cost, cfg.top_k, self.allow_cpu)
+        self.miss_seconds = self.miss.alone
+        per_layer, costly = placement.split == "layer", self.miss_seconds["disk"]
+        self.evictions = {"device": Evictions(self.device.capacity_for(0), per_layer, costly),
+                          "host": Evictions(self.host.capacity_for(0) if self.host else 1, per_layer, costly)}
 
     def step(self, tokens: list[int], decode: bool) -> float:
         """One forward step over `tokens` (trace positions) through every MoE layer; its modeled seconds."""
@@ -209,6 +227,14 @@ class _Replay:
                 counts[int(e)] = counts.get(int(e), 0) + 1
         need = sorted(counts)
         self.used += len(self.arrived.pop(m, set()) & set(need)) if decode else 0
+        if self.by_gain and decode:  # how the gain rule's guesses and evictions turned out
+            self.prefetcher.settle(m, set(need), {e for e in need if (m, e) in device}, self.counters)
+            for e in need:  # what the evictions of these cost
+                in_host = host is not None and (m, e) in host
+                if (m, e) not in device:
+                    self.evictions["device"].requested((m, e), self.miss_seconds["host" if in_host else "disk"])
+                if host is not None and not in_host:
+                    self.evictions["host"].requested((m, e), self.miss_seconds["disk"] - self.miss_seconds["host"])
         work = []
         for e in need:
             key = (m, e)
@@ -231,24 +257,28 @@ class _Replay:
             if w.where == "disk":
                 self.disk += expert_bytes * decode
                 if host is not None:  # read into the host tier on the way, whichever side computes
-                    host.admit((m, w.expert), busy)
+                    self.evictions["host"].admitted((m, w.expert), host.admit((m, w.expert), busy)[1])
             if decision.assignment[w.expert] == "cpu":
                 self.on_cpu += decode
             else:
                 self.moved += 0 if self.on_cpu_device else expert_bytes * decode
-                device.admit((m, w.expert), busy)
-        seconds = decision.time + self.other_seconds(len(tokens)) + self.carry
-        self.carry = 0.0
+                self.evictions["device"].admitted((m, w.expert), device.admit((m, w.expert), busy)[1])
+        waited, self.carry = self.carry, 0.0
+        seconds = decision.time + self.other_seconds(len(tokens)) + waited
         if decode and self.scores is not None and m + 1 < len(self.layers):
-            self.carry = max(0.0, self._prefetch(m, src, tokens[0], decision) - seconds)
+            # The link (disk) is serial: this layer's own fetches ran after the prefetches it waited
+            # for, and its prefetches for the next layer start after both.
+            prefetch = self._prefetch_by_gain if self.by_gain else self._prefetch
+            self.carry = max(0.0, prefetch(m, src, tokens[0], decision, seconds, waited) - seconds)
         return seconds
 
-    def _prefetch(self, m: int, src: int, t: int, decision) -> float:
+    def _prefetch(self, m: int, src: int, t: int, decision, seconds: float, start: float) -> float:
         """Fetch the predicted experts of the next layer; when the last of them lands (from this
         layer's start). They start when the link (on a CPU, the disk) is done with this layer's own
-        fetches; whatever outlasts the layer delays the next one, as the engine waits for them."""
+        fetches, which started once the prefetches this layer waited for (`start`) had landed;
+        whatever outlasts the layer delays the next one, as the engine waits for them."""
         nxt_src = (src + 1) % self.trace.num_layers
-        cursor = decision.finish("disk" if self.on_cpu_device else "link")
+        cursor = start + decision.finish("disk" if self.on_cpu_device else "link")
         if nxt_src not in self.scores[src]:
             return cursor
         expert_bytes = self.placement.expert_bytes
@@ -258,12 +288,86 @@ class _Replay:
                 continue
             in_host = self.host is not None and key in self.host
             cursor += expert_bytes / (self.link if in_host else min(self.link, self.profile.disk_bandwidth))
-            self.device.admit(key, [])
+            self._admit(key, in_host)
             self.arrived.setdefault(m + 1, set()).add(e)
             self.issued += 1
             self.disk += 0 if in_host else expert_bytes
             self.moved += 0 if self.on_cpu_device else expert_bytes
         return cursor
+
+    def _prefetch_by_gain(self, m: int, src: int, t: int, decision, seconds: float, start: float) -> float:
+        """As `_prefetch`, but an expert goes only where `prefetch.gain` is positive: its probability
+        (calibrated, corrected online) times the miss it saves, less the link time it takes beyond
+        what is left of this layer's step and the expected misses its evictions cause."""
+        nxt_src = (src + 1) % self.trace.num_layers
+        cursor = start + decision.finish("disk" if self.on_cpu_device else "link")
+        if nxt_src not in self.scores[src]:
+            return cursor
+        target = m + 1
+        p = self.prefetcher.probabilities(target, self.scores[src][nxt_src][t])  # [E]
+        # Where each expert of the next layer would be a miss from, as the prefetches below change it.
+        where = np.array([0 if (target, e) in self.device else 1 if self.host is not None and (target, e) in self.host
+                          else 2 for e in range(len(p))])  # 0 device, 1 host, 2 disk
+        # Candidates by what they are worth, a miss from disk above a likelier one from host RAM;
+        # at most top_k fetched ahead, as the engine's limit.
+        alone = np.array([0.0, self.miss_seconds["host"], self.miss_seconds["disk"]])[where]
+        ranked = [e for e in np.argsort(-p * alone, kind="stable").tolist() if where[e] > 0 and p[e] > 0]
+        self.prefetcher.candidates(target, ranked[:self.top_k], p)
+        expert_bytes = self.placement.expert_bytes
+        issued = 0
+        for e in ranked:
+            key = (target, e)
+            if issued == self.top_k:
+                break
+            if not self.device.can_admit(key, []):
+                continue
+            in_host = where[e] == 1
+            fetch = expert_bytes / (self.link if in_host else min(self.link, self.profile.disk_bandwidth))
+            miss = self._miss(e, p, where)
+            if gain(p[e], fetch, miss, seconds - cursor, self._eviction_loss(key, in_host, p)) <= 0:
+                continue
+            cursor += fetch
+            self._admit(key, in_host)
+            where[e] = 0
+            issued += 1
+            self.prefetcher.issued(target, e)
+            self.arrived.setdefault(target, set()).add(e)
+            self.issued += 1
+            self.disk += 0 if in_host else expert_bytes
+            self.moved += 0 if self.on_cpu_device else expert_bytes
+        return cursor
+
+    def _miss(self, e: int, p, where) -> float:
+        """What expert e's miss adds to the next layer's step, given that it is needed, beside the
+        other misses the prediction expects there (its probabilities of the uncached experts, scaled
+        to the top_k - 1 others a token chooses)."""
+        others = p * (where > 0)
+        others[e] = 0.0
+        scale = (self.top_k - 1) / max(float(p.sum() - p[e]), 1e-9)
+        return self.miss.of("host" if where[e] == 1 else "disk", scale * others[where == 1].sum(),
+                            scale * others[where == 2].sum())
+
+    def _eviction_loss(self, key, in_host: bool, p) -> float:
+        """Expected seconds lost to what prefetching `key` pushes out of the device (at least the
+        prediction's chance that its victim, of the same layer, is needed next) and, read from disk,
+        out of the host tier (prefetch.Evictions)."""
+        loss = 0.0
+        victim = _victim(self.device, key)
+        if victim is not None:
+            loss = self.evictions["device"].seconds()
+            if victim[0] == key[0]:
+                where = "host" if self.host is not None and victim in self.host else "disk"
+                loss = max(loss, float(p[victim[1]]) * self.miss_seconds[where])
+        if not in_host and self.host is not None and _victim(self.host, key) is not None:
+            loss += self.evictions["host"].seconds()
+        return loss
+
+    def _admit(self, key, in_host: bool) -> None:
+        """A prefetch lands in a device slot; read from disk, it passes through the host tier, as a
+        demand fetch does (the engine reads every disk expert into a host slot first)."""
+        if not in_host and self.host is not None:
+            self.evictions["host"].admitted(key, self.host.admit(key, [])[1])
+        self.evictions["device"].admitted(key, self.device.admit(key, [])[1])
 
     def result(self, decoded: int, prefill_seconds: float) -> SimResult:
         if decoded == 0:
@@ -273,26 +377,26 @@ class _Replay:
                          prefill_seconds)
 
 
+def _victim(cache: ExpertCache, key):
+    """The expert admitting `key` into `cache` would evict now (None: a slot is free)."""
+    group = key[0] if cache.split == "layer" else None
+    return cache.policy.victim(cache.members[group]) if not cache.free[group] else None
+
+
 def predictor_scores(name: str, fit, test, model=None) -> dict | None:
-    """A predictor's scores on `test`, fitted on `fit` where it learns (None for "none")."""
-    from .predictors.affinity import AffinityPredictor
-    from .predictors.evaluate import all_scores
-    from .predictors.learned import LearnedPredictor
+    """A predictor's scores on `test`, fitted on `fit` where it learns (None for "none").
 
-    if name == "none":
+    `NAME` gives probabilities, calibrated on `fit` (predictors/calibrate.py), and the simulator
+    prefetches by expected gain; `NAME:topk` gives raw scores, and it fetches the predicted top-k
+    every step whatever they cost."""
+    from .predictors.calibrate import calibrated_scores
+    from .predictors.evaluate import PREDICTORS, all_scores, predictor_factory
+
+    base, _, mode = name.partition(":")
+    if base not in PREDICTORS or mode not in ("", "topk"):
+        raise OffloadError(f"unknown predictor {name!r}; choose {', '.join(PREDICTORS)}, or NAME:topk to fetch "
+                           "the predicted top-k every step instead of by expected gain")
+    if base == "none":
         return None
-    if name == "affinity":
-        predictor = AffinityPredictor(test.num_layers, test.num_experts, int(test.token_ids.max()) + 1).fit(fit)
-    elif name == "learned":
-        if fit.hidden is None:
-            raise OffloadError("predictor 'learned' needs a trace recorded with --hidden")
-        predictor = LearnedPredictor.train(fit)
-    elif name == "gate":
-        if model is None or test.hidden is None:
-            raise OffloadError("predictor 'gate' needs --model (its routers) and a trace recorded with --hidden")
-        from .predictors.gate import GatePredictor, routers_from_checkpoint
-
-        predictor = GatePredictor(routers_from_checkpoint(model))
-    else:
-        raise OffloadError(f"unknown predictor {name!r}; choose none, gate, learned or affinity")
-    return all_scores(predictor, test)
+    make = predictor_factory(base, test, model)
+    return all_scores(make(fit), test) if mode == "topk" else calibrated_scores(make, fit, test)

@@ -7,7 +7,8 @@ traces. At MoE layer `pos`, once its router has run, the engine asks:
 
 for d = 1 .. lookahead (only targets that exist). Higher is likelier;
 `rank` turns scores into the experts to fetch. `observe` feeds back the
-routing actually chosen, for predictors that learn online.
+routing actually chosen, for predictors that learn online. `replay(trace)`
+scores a recorded trace offline (evaluate.py, the simulator).
 """
 
 from __future__ import annotations
@@ -21,12 +22,23 @@ class Predictor:
     name = "none"
     lookahead = 1
     needs_hidden = False
+    calibrated = False  # whether `scores` are probabilities, fitted out of sample (predictors/calibrate.py)
 
     def scores(self, pos: int, hidden, token_ids: np.ndarray, chosen: np.ndarray) -> dict[int, np.ndarray]:
         return {}
 
     def observe(self, pos: int, token_ids: np.ndarray, chosen: np.ndarray) -> None:
         pass
+
+    def replay(self, trace) -> dict[int, dict[int, np.ndarray]]:
+        """{pos: {target: [T, E]}} for every token of a trace, as `scores` gives them in a run.
+        This default asks once per layer with all the tokens; a predictor that also draws on a
+        token's sequence (its earlier tokens' routing) replays it itself, causally."""
+        out = {}
+        for pos in range(trace.num_layers):
+            hidden = trace.hidden[:, pos] if trace.hidden is not None else None
+            out[pos] = self.scores(pos, hidden, trace.token_ids, trace.topk_ids[:, pos])
+        return out
 
 
 def rank(scores: np.ndarray, per_token: int, limit: int | None = None) -> list[int]:

@@ -11,8 +11,11 @@ import numpy as np
 
 from offload.cache.policy import Belady, make_policy
 from offload.cache.state import ExpertCache
+from offload.errors import OffloadError
 
 from .base import Predictor, rank
+
+from . import NAMES as PREDICTORS  # noqa: E402,F401  (every predictor by name; predictors/__init__.py)
 
 
 @dataclass
@@ -24,12 +27,8 @@ class Accuracy:
 
 
 def all_scores(predictor: Predictor, trace) -> dict[int, dict[int, np.ndarray]]:
-    """{pos: {target: [T, E]}} for a predictor that does not learn while it runs."""
-    out = {}
-    for pos in range(trace.num_layers):
-        hidden = trace.hidden[:, pos] if trace.hidden is not None else None
-        out[pos] = predictor.scores(pos, hidden, trace.token_ids, trace.topk_ids[:, pos])
-    return out
+    """{pos: {target: [T, E]}} for a predictor that does not learn while it runs (`Predictor.replay`)."""
+    return predictor.replay(trace)
 
 
 def accuracy(predictor: Predictor, trace) -> list[Accuracy]:
@@ -118,3 +117,27 @@ def report(trace, predictors: dict[str, Predictor], slots_per_layer: int, echo=p
         echo(f"{policy:8} {row['none']:12.3f}" + "".join(f" {row[n]:12.3f}" if n in row else f" {'-':>12}"
                                                        for n in predictors))
     return figures
+
+
+def predictor_factory(name: str, trace, model=None):
+    """`make(fit) -> Predictor` for one of PREDICTORS but "none", shaped for `trace`, fitted on `fit`
+    where it learns (gate: `model`'s routers, nothing to fit)."""
+    from .affinity import AffinityPredictor
+    from .learned import LearnedPredictor
+    from .routing import RoutingPredictor
+
+    if name == "affinity":
+        return lambda fit: AffinityPredictor(trace.num_layers, trace.num_experts,
+                                             int(trace.token_ids.max()) + 1).fit(fit)
+    if name == "routing":
+        return lambda fit: RoutingPredictor(trace.num_layers, trace.num_experts, trace.top_k).fit(fit)
+    if name == "learned":
+        if trace.hidden is None:
+            raise OffloadError("predictor 'learned' needs a trace recorded with --hidden")
+        return LearnedPredictor.train
+    if model is None or trace.hidden is None:
+        raise OffloadError("predictor 'gate' needs --model (its routers) and a trace recorded with --hidden")
+    from .gate import GatePredictor, routers_from_checkpoint
+
+    gate = GatePredictor(routers_from_checkpoint(model))  # nothing to fit
+    return lambda fit: gate

@@ -139,4 +139,4 @@ def test_help_explains_every_option():
     result = CliRunner().invoke(main, ["eval-quality", "--help"])
     assert result.exit_code == 0
     options = [line for line in result.output.splitlines() if line.strip().startswith("--")]
-    assert len(options) == 8 and all(len(line.split("  ", 1)) == 2 for line in options)
+    assert len(options) == 9 and all(len(line.split("  ", 1)) == 2 for line in options)
