@@ -236,10 +236,10 @@ class _Replay:
                 if host is not None and not in_host:
                     self.evictions["host"].requested((m, e), self.miss_seconds["disk"] - self.miss_seconds["host"])
         work = []
+        present, _ = device.request(m, need)  # the engine's own access step (cache/state.py)
         for e in need:
             key = (m, e)
-            device.policy.access(key)
-            where = "device" if key in device else "host" if host is not None and key in host else "disk"
+            where = "device" if e in present else "host" if host is not None and key in host else "disk"
             work.append(ExpertWork(e, counts[e], where))
         decision = schedule(work, self.cost, allow_cpu=self.allow_cpu)
         expert_bytes = self.placement.expert_bytes

@@ -60,18 +60,15 @@ def simulate(trace, policy: str, slots_per_layer: int, scores: dict | None = Non
     waiting: dict[int, set[int]] = {}  # target pos -> prefetched, not yet requested
     for t in range(trace.num_tokens):
         for pos in range(L):
-            if policy == "score":
-                chosen.observe(pos, trace.router_probs[t, pos].tolist())
             need = [(pos, int(e)) for e in trace.topk_ids[t, pos]]
             early = waiting.pop(pos, set())
             used += len(early & {e for _, e in need})
-            for key in need:
-                chosen.access(key)
-                if key in cache:
-                    hits += 1
-                else:
-                    misses += 1
-                    cache.admit(key, busy=need)
+            # The engine's own access step (cache/state.py: ExpertCache.request), then the admissions.
+            probs = trace.router_probs[t, pos].tolist() if policy == "score" else None
+            present, missing = cache.request(pos, [e for _, e in need], probs)
+            hits, misses = hits + len(present), misses + len(missing)
+            for e in missing:
+                cache.admit((pos, e), busy=need)
             if scores is None:
                 continue
             for target, s in scores[pos].items():
