@@ -61,6 +61,8 @@ class OffloadedExperts:
         # Every read, copy or CPU expert submitted and not yet seen through by the main thread, and
         # what it holds: released when seen, or undone by _recover after a failure.
         self.outstanding: dict[Future, Claim] = {}
+        self.plan: LayerPlan | None = None  # the step in progress (for _recover)
+        self.started: set = set()
         self.copy_done: dict = {}  # GPU: key -> copy event of a fetched expert not yet used
         self.tokens = np.zeros(0, dtype=np.int64)  # token ids of the current forward step, flattened
         self.device, self.stats = device, stats
@@ -138,7 +140,8 @@ class OffloadedExperts:
         begin = time.perf_counter() if events is not None else 0.0
         counters = self.stats[layer]
         chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
-        plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
+        plan = self.plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
+        self.started = set()  # keys of this step whose read (or CPU expert) was submitted
         present = plan.present
         counters.hits += len(present)
         counters.misses += len(plan.missing)
@@ -263,6 +266,7 @@ class OffloadedExperts:
             future = self.cpu_worker.submit(self._cpu_expert, layer, e, host_slot, from_disk, host[rows(e)],
                                             events=self.events)
             self.outstanding[future] = Claim(None, (layer, e), host_slot)
+            self.started.add((layer, e))
             futures[e] = future
         return futures
 
@@ -361,6 +365,7 @@ class OffloadedExperts:
             else:
                 future = self.io.submit(self._recorded_read, self.events, layer, expert, self.pool.targets(slot))
             self.outstanding[future] = Claim(fetch.key, None, None)
+            self.started.add(fetch.key)
             return future
         counters.bytes_from_disk += self.expert_bytes if fetch.from_disk else 0
         counters.bytes_to_device += self.expert_bytes
@@ -368,6 +373,7 @@ class OffloadedExperts:
         future = self.io.submit(self._to_device, layer, expert, slot, fetch.host_slot, fetch.from_disk, released,
                                 events=self.events)
         self.outstanding[future] = Claim(fetch.key, fetch.key, fetch.host_slot)  # released once seen through
+        self.started.add(fetch.key)
         return future
 
     def _recover(self) -> None:
@@ -385,8 +391,21 @@ class OffloadedExperts:
                 self.cache.evict(claim.key)
             if not ok and claim.host_key is not None and claim.host_key in self.host.cache:
                 self.host.cache.evict(claim.host_key)
+        if self.plan is not None:  # placed in a cache, but the step died before its read was submitted
+            for key, compute, from_disk in self.plan.placed:
+                if key in self.started:
+                    continue
+                if compute and key in self.cache:
+                    self.cache.evict(key)
+                if from_disk and self.host is not None and key in self.host.cache:
+                    self.host.cache.evict(key)
+        self.plan = None
         self.outstanding.clear()
         self.prefetching.clear()
+        # The copy events are dropped with the bookkeeping: make the compute stream wait for every copy
+        # queued so far instead, so no expert that stays cached is read before it has landed.
+        if self.gpu:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         self.copy_done.clear()
         if self.tiered:
             self.host.busy.clear()

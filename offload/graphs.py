@@ -62,14 +62,19 @@ class DecodeGraph:
 
     def _capture(self) -> None:
         length = self.cache.length
+        stream = torch.cuda.current_stream()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):  # records, runs nothing: the cache is as the eager step left it
+            # Records, runs nothing: the cache stays as the eager step left it. thread_local: a sync on
+            # another thread (a /metrics scrape reading the stats) does not spoil this capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.model(self.ids, self.positions, self.valid, self.cache, last_only=True)
         except RuntimeError as exc:  # an op that cannot be captured: stay eager
-            self.failed = str(exc).splitlines()[0]
+            cause = exc.__context__ or exc  # a failed capture_end hides the op that broke it
+            self.failed = (str(cause).splitlines() or [type(cause).__name__])[0]
             self.logits = None
             return
         finally:
             self.cache.length = length  # capture ran the step's Python once
+            torch.cuda.set_stream(stream)  # a failed capture leaves its side stream current
         self.graph = graph

@@ -101,8 +101,7 @@ class GroupedKernel:
         if not self.fused:
             return self.kernel(x, weights)
         gate_up, down = weights[0][None], weights[1][None]  # a stack of one: the fused call's own kernel
-        offs = torch.tensor([x.shape[0]], dtype=torch.int32, device=x.device)
-        return self._ffn(x, gate_up, down, offs)
+        return self._ffn(x, gate_up, down, _count(x.shape[0], x.device))
 
     def all(self, x: torch.Tensor, pool_data: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Every group's rows x [M, H] against the pool's slots [G, nbytes] -> [M, H], in one call."""
@@ -127,6 +126,19 @@ class GroupedKernel:
         return _grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [M, H]
 
 
+_counts: dict[torch.device, torch.Tensor] = {}
+
+
+def _count(n: int, device: torch.device) -> torch.Tensor:
+    """[n] as an int32 device tensor of one element, sliced from a cached arange: no host -> device
+    copy (which would wait for the GPU) per expert."""
+    counts = _counts.get(device)
+    if counts is None or counts.numel() <= n:
+        with torch.inference_mode(False):  # kept across calls, inside and outside inference mode
+            counts = _counts[device] = torch.arange(max(2 * n, 1024), dtype=torch.int32, device=device)
+    return counts[n:n + 1]
+
+
 # Set by tests to run the fused kernel on the CPU (where it gives the loop's bits) or never.
 FUSED: bool | None = None
 
@@ -134,7 +146,9 @@ FUSED: bool | None = None
 def grouped_kernel(fmt: ExpertFormat, device: torch.device, kernel: Kernel, act: Callable,
                    glu: Callable | None = None) -> GroupedKernel:
     """The grouped form of `kernel` (expert_kernel's choice for this format and device)."""
-    fusable = fmt.kind == "dense" and not fmt.bias and not fmt.transposed
+    # grouped_mm on a GPU wants 16-byte aligned strides: rows of H and I elements, slots of nbytes.
+    aligned = (fmt.hidden * fmt.dtype.itemsize) % 16 == 0 and (fmt.width * fmt.dtype.itemsize) % 16 == 0
+    fusable = fmt.kind == "dense" and not fmt.bias and not fmt.transposed and aligned and fmt.nbytes % 16 == 0
     if FUSED is not None:
         fused = FUSED and fusable and _grouped_mm is not None
     else:  # on the CPU grouped_mm is a loop of GEMMs itself; the per-expert loop overlaps reads

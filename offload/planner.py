@@ -75,6 +75,10 @@ class LayerPlan:
         self.needed: set[Key] = {(layer, e) for e in self.present + self.missing}  # not yet computed
         self.pending: deque[int] = deque(self.missing)  # missing experts with no slot yet
         self.on_cpu: list[int] = []
+        # Every key this step put into a cache, and whether its host slot is to be read from disk: if
+        # the step dies before the mover starts the read (Ctrl-C between the two), the caches must
+        # forget it, or a later step would compute with the slot's previous expert.
+        self.placed: list[tuple[Key, bool, bool]] = []  # (key, in the compute tier, host slot read from disk)
 
     def assign_cpu(self, decide: Callable[[list], dict], counts: list[int]) -> list[int]:
         """Missing experts that `decide` (a profile's scheduler: [ExpertWork] -> {expert: "cpu" |
@@ -97,7 +101,9 @@ class LayerPlan:
             return None
         self.pending.remove(expert)
         self.on_cpu.append(expert)
-        return self.host.claim(key)
+        slot, from_disk = self.host.claim(key)
+        self.placed.append((key, False, from_disk))
+        return slot, from_disk
 
     def busy(self, prefetching: Iterable[Key]) -> set[Key]:
         """What no admission may evict now: experts this step still needs, slots a prefetch writes."""
@@ -131,6 +137,7 @@ class LayerPlan:
     def _place(self, key: Key, busy: set[Key]) -> "Fetch":
         slot, evicted = self.cache.admit(key, busy)
         host_slot, from_disk = self.host.claim(key) if self.host is not None else (None, True)
+        self.placed.append((key, True, from_disk))
         return Fetch(key, slot, evicted, host_slot, from_disk)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -102,23 +103,30 @@ class ExpertStats:
         # Hits counted on the device (a resident executor never syncs to count): per layer, in
         # `layers` order, added to the counters when they are read.
         self.device_hits = None
+        self.lock = threading.Lock()
 
     def count_hits(self, layer: int, offs) -> None:
         """A resident layer step's hits from its group offsets [E] (offload/grouped.py), on the device."""
         import torch
 
         if self.device_hits is None:
-            with torch.inference_mode(False):  # a normal tensor: zeroed in place when read, outside inference
+            with torch.inference_mode(False):  # a normal tensor, added to in place (a CUDA graph keeps it)
                 self.device_hits = torch.zeros(len(self.layers), dtype=torch.int64, device=offs.device)
             self.positions = {layer: i for i, layer in enumerate(self.layers)}
+            self.hits_read = [0] * len(self.layers)  # device_hits as last added to the counters
         used = torch.diff(offs, prepend=offs.new_zeros(1)) > 0  # [E]: the experts with rows
         self.device_hits[self.positions[layer]] += used.sum()
 
     def _settle(self) -> None:
-        if self.device_hits is not None:
-            for layer, hits in zip(self.layers, self.device_hits.tolist()):  # the one sync, when read
-                self.layers[layer].hits += hits
-            self.device_hits.zero_()  # in place: a captured CUDA graph keeps adding to this tensor
+        """Add what the device counted since the last read. The device tensor is never reset: a reader
+        on another thread (the server's /metrics) must not wipe hits the generating thread adds."""
+        if self.device_hits is None:
+            return
+        with self.lock:
+            now = self.device_hits.tolist()  # the one sync, when read
+            for i, layer in enumerate(self.layers):
+                self.layers[layer].hits += now[i] - self.hits_read[i]
+            self.hits_read = now
 
     def __getitem__(self, layer: int) -> ExpertCounters:
         self._settle()

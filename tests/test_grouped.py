@@ -172,3 +172,18 @@ def test_host_syncs_per_layer_are_counted(model_dir, fused, policy):
     # The same routing: the resident run's hits (counted on the device) are the offloaded run's requests.
     assert resident.stats.hits == llm.stats.hits + llm.stats.misses > 0
     assert np.all([c.hits > 0 for c in resident.stats.experts.layers.values()])
+
+
+def test_device_hit_counts_are_added_once_and_never_reset():
+    """The stats add what the device counted since the last read; the device tensor keeps growing (a
+    CUDA graph adds to it, and a reader on another thread must not wipe hits being added)."""
+    from offload.stats import ExpertStats
+
+    stats = ExpertStats([0, 1])
+    offs = torch.tensor([1, 1, 3], dtype=torch.int32)  # experts 0 and 2 have rows
+    stats.count_hits(0, offs)
+    assert stats[0].hits == 2 and stats[1].hits == 0
+    stats.count_hits(0, offs)
+    stats.count_hits(1, offs)
+    assert stats.total().hits == 6 and stats.device_hits.tolist() == [4, 2]
+    assert stats[0].hits == 4  # read again: nothing added twice

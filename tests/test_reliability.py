@@ -118,6 +118,41 @@ def test_an_index_naming_the_wrong_shard_is_one_clear_error(sharded):
         offload.load(path, device="cpu")
 
 
+@pytest.mark.parametrize("tiered", [False, True])
+def test_ctrl_c_between_placing_an_expert_and_reading_it_leaves_no_stale_slot(model_dir, monkeypatch, tiered):
+    """The plan puts an expert in the caches before the mover submits its read: a Ctrl-C in between
+    must not leave it cached over the slot's previous expert (a later step would compute with it)."""
+    import dataclasses
+
+    from offload.engine import OffloadedExperts
+
+    path = model_dir("mixtral", num_hidden_layers=3, num_local_experts=8)
+    prompt = [[5, 9, 17, 33, 65, 129, 7, 11]]
+    expected = offload.load(path, device="cpu").logits(prompt)
+    llm = offload.load(path, device="cpu", cpu_memory=6 * offload.load(path, device="cpu").placement.expert_bytes,
+                       cache_split="global", predictor="none")
+    if tiered:  # the host tier between disk and the slots, as on a GPU
+        placement = dataclasses.replace(llm.placement, host_slots=8)
+        llm.experts = OffloadedExperts(llm.checkpoint, placement, llm.device, llm.expert_format, "lru", "global",
+                                       llm.stats.experts)
+        llm.model.set_executor(llm.experts)
+    llm.logits(prompt)  # every slot holds some expert now
+    real, calls = OffloadedExperts._fetch, []
+
+    def interrupted(self, fetch):
+        calls.append(fetch.key)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, fetch)
+
+    monkeypatch.setattr(OffloadedExperts, "_fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.logits([[200, 201, 202, 203, 250, 251, 252, 253]])
+    assert calls[1] not in llm.experts.cache  # placed, never read: forgotten
+    monkeypatch.setattr(OffloadedExperts, "_fetch", real)
+    assert torch.equal(llm.logits(prompt), expected)
+
+
 def test_a_failed_read_leaves_the_cache_consistent(model_dir, monkeypatch):
     path = model_dir("mixtral", num_hidden_layers=3, num_local_experts=8)
     prompt = [[5, 9, 17, 33, 65, 129, 7, 11]]
