@@ -235,6 +235,7 @@ def parse_memory(value, what: str) -> int | None:
 
 CACHE_POLICIES = ("lru", "lfu", "score")
 from .predictors import NAMES as PREDICTORS  # noqa: E402  (one list of names for every entry point)
+DENSE_FORMATS = ("int8",)  # load(dense=...): the resident layers' weights (offload/dense.py)
 CACHE_SPLITS = ("auto", "layer", "global")
 
 
@@ -273,9 +274,9 @@ class RuntimeConfig:
             from .formats import parse_experts
 
             parse_experts(self.experts)  # raises on an unknown format
-        from .dense import check_dense_format
-
-        check_dense_format(self.dense)
+        if self.dense is not None and self.dense not in DENSE_FORMATS:
+            raise OffloadError(f"dense={self.dense!r} is not supported; use {' or '.join(DENSE_FORMATS)}, or None to "
+                               "keep the checkpoint's dtype")
 
     @classmethod
     def build(cls, device="auto", dtype=None, gpu_memory=None, cpu_memory=None, cache_policy="lru",

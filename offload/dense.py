@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OffloadError
 from .kernels import dequant_tokens
 from .quant import dequantize_int8, quantize_int8
 
-DENSE_FORMATS = ("int8",)
 # torch's int8 kernel with bf16 activations needs the reduced width in multiples of 32 (kernels.py).
 K_MULTIPLE = 32
 
@@ -67,12 +65,6 @@ def _kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
         return bool((y == 64).all())
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-
-
-def check_dense_format(dense: str | None) -> None:
-    if dense is not None and dense not in DENSE_FORMATS:
-        raise OffloadError(f"dense={dense!r} is not supported; use {' or '.join(DENSE_FORMATS)}, or None to keep "
-                           "the checkpoint's dtype")
 
 
 def quantize_dense(model: nn.Module) -> int:
