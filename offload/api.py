@@ -19,7 +19,7 @@ from .engine import OffloadedExperts
 from .experts import ResidentExperts
 from .formats import parse_experts
 from .kernels import cpu_weight_only, kernel_name
-from .dense import quantize_dense
+from .dense import Int8Linear, quantize_dense
 from .generate import DecodeLoop, TextStream, check_prompts
 from .graphs import static_decode, usable
 from .models.decoder import MoECausalLM
@@ -145,6 +145,11 @@ class Runtime:
             self.model = self._build_model(bar)
             if options.dense is not None:
                 quantize_dense(self.model)
+                slow = [n for n, m in self.model.named_modules() if isinstance(m, Int8Linear) and not m.fast]
+                if slow:
+                    warnings.warn(f"dense='{options.dense}': {len(slow)} layers (e.g. {slow[0]}) are dequantized on "
+                                  f"every call on {self.device.type} (torch's int8 kernel does not take them here): "
+                                  "they hold half the memory but decode no faster", UserWarning, stacklevel=3)
             if self.placement.mode == "resident":
                 self.experts = ResidentExperts.load(self.checkpoint, self.expert_format, self.device,
                                                     self._stats.experts, progress=bar)

@@ -61,3 +61,12 @@ def test_a_width_the_kernel_cannot_take_is_dequantized_per_call():
 def test_an_unknown_dense_format_is_one_clear_error():
     with pytest.raises(OffloadError, match="dense='int4' is not supported; use int8"):
         offload.load(dense="int4")
+
+
+def test_layers_the_kernel_cannot_take_are_named_in_a_warning(model_dir):
+    """hidden_size 40 in bf16: the projections reduce over 40, which torch's int8 kernel cannot take."""
+    path = model_dir("mixtral", hidden_size=40, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="dequantized on every call on cpu"):
+        llm = offload.load(path, device="cpu", dense="int8")
+    assert torch.isfinite(llm.logits([[1, 2, 3]])).all()
