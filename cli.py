@@ -533,7 +533,10 @@ def profile(model, device, out, tmp_dir):
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1, 50), help="Runs per figure (median).")
 @click.option("--no-accelerate", is_flag=True, help="Skip transformers + accelerate offloading (slow: ~1 tok/s).")
 @click.option("--tiny", is_flag=True, help="Tiny versions of the shapes: checks the command itself in seconds.")
-def check_gpu(workdir, device, shapes, tokens, repeats, no_accelerate, tiny):
+@click.option("--experts", "expert_formats", default="",
+              help="Comma-separated quantized formats to run too (int8, int4, int4-g128, ...): resident, and for "
+                   "the Mixtral shape in the offloaded budget. Each is quantized once on this CPU (minutes).")
+def check_gpu(workdir, device, shapes, tokens, repeats, no_accelerate, tiny, expert_formats):
     """Decode speed on this GPU against transformers and the bandwidth bounds, on random checkpoints
     of real shapes built on the GPU (scripts/gpu_check.sh runs this after the gpu-marked tests)."""
     import tempfile
@@ -553,7 +556,16 @@ def check_gpu(workdir, device, shapes, tokens, repeats, no_accelerate, tiny):
         raise click.UsageError("--device cpu is for a dry run of the command: add --tiny")
     where = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "moe-offload-gpu-check"
     where.mkdir(parents=True, exist_ok=True)
-    check(where, device, tuple(names), tokens, repeats, accelerate=not no_accelerate, tiny=tiny, echo=click.echo)
+    from offload.formats import parse_experts
+
+    formats = tuple(f.strip() for f in expert_formats.split(",") if f.strip())
+    for fmt in formats:
+        try:
+            parse_experts(fmt)
+        except OffloadError as exc:
+            raise click.BadParameter(str(exc), param_hint="--experts") from None
+    check(where, device, tuple(names), tokens, repeats, accelerate=not no_accelerate, tiny=tiny, echo=click.echo,
+          experts=formats)
 
 
 @main.command("eval-quality")

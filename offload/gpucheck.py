@@ -124,7 +124,9 @@ def free(device: torch.device) -> None:
 
 
 def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 64, repeats: int = 3,
-          accelerate: bool = True, tiny: bool = False, echo=print) -> list[Row]:
+          accelerate: bool = True, tiny: bool = False, echo=print, experts: tuple = ()) -> list[Row]:
+    """`experts`: quantized formats ("int8", "int4", ...) to run resident and, for the Mixtral shape, with
+    a quarter of the experts on the GPU too (quantized once on this machine's CPU: minutes)."""
     from .grouped import grouped_mm_runs
     from .profile import h2d_bandwidth, measure, save_profile
     from .synthetic import make_synthetic, shape_config
@@ -159,6 +161,14 @@ def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 
         llm.close()
         del llm
         free(dev)
+        for fmt in experts:  # quantized experts, resident: the floor counts the format's bytes
+            speed, _, llm = ours(path, dev, new, repeats, experts=fmt)
+            floor_q = hbm / 2 / weight_bytes_per_token(llm)
+            rows.append(Row(shape, f"ours, resident, {llm.expert_format.name} experts", speed, floor_q,
+                            f"{speed / hf:.2f}x transformers; " + llm.describe().split("; ", 2)[-1]))
+            llm.close()
+            del llm
+            free(dev)
         if shape != "mixtral":
             continue
         budget = resident_bytes + total // 4 * expert_bytes + (256 << 20)
@@ -171,6 +181,14 @@ def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 
             bound = link / moved if moved else 0.0
             rows.append(Row(shape, f"ours, a quarter of the experts on the GPU, predictor {options['predictor']}"
                             + (", measured profile" if runner == "profile" else ""), speed, bound,
+                            f"{moved / 1e6:.0f} MB/token moved; {llm.describe().splitlines()[0]}"))
+            llm.close()
+            del llm
+            free(dev)
+        for fmt in experts:  # the same budget in bytes holds more quantized experts
+            speed, moved, llm = ours(path, dev, max(2, new // 4), repeats, experts=fmt, predictor="gate", **budgets)
+            rows.append(Row(shape, f"ours, same budget, {llm.expert_format.name} experts, predictor gate", speed,
+                            link / moved if moved else 0.0,
                             f"{moved / 1e6:.0f} MB/token moved; {llm.describe().splitlines()[0]}"))
             llm.close()
             del llm
