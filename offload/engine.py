@@ -24,6 +24,7 @@ events order the copy after the last kernel that used the slot, and the kernels 
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +43,7 @@ from .grouped import HostTransfers, combine, grouped_kernel, host_offsets, route
 from .kernels import expert_kernel
 from .placement import Placement
 from .planner import Claim, Fetch, HostTier, LayerPlan
-from .prefetch import Prefetcher
+from .prefetch import Evictions, LinkClock, Prefetcher
 from .stats import Event, ExpertStats, Timeline
 
 # decide(missing experts of one layer step, as scheduler.ExpertWork) -> {expert: "fetch" | "cpu"}
@@ -58,6 +59,12 @@ class OffloadedExperts:
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
         self.prefetch = prefetch
         self.prefetching: dict = {}  # key -> Future of a speculative fetch still on the I/O pool
+        # Prefetch by expected gain (offload/prefetch.py): the link's costs measured as the run goes, and
+        # what a prefetch's eviction costs, learned from the evicted experts requested again.
+        # On a CPU whose cores all compute, a read (a copy out of the page cache, or a disk read's
+        # syscalls) takes a core from the experts: nothing runs beside them for free.
+        spare_core = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
+        self.clock = LinkClock(io_threads, overlaps=spare_core)
         # Every read, copy or CPU expert submitted and not yet seen through by the main thread, and
         # what it holds: released when seen, or undone by _recover after a failure.
         self.outstanding: dict[Future, Claim] = {}
@@ -79,6 +86,7 @@ class OffloadedExperts:
         # The compute-side tier: GPU slots, or on a CPU the RAM cache itself.
         self.pool = SlotPool(placement.device_slots, fmt, device)
         self.cache = ExpertCache(placement.device_slots, make_policy(policy), self.layers, split)
+        self.evictions = Evictions(self.cache.capacity_for(self.layers[0]), split == "layer", prior=0.0)
         self.gpu = device.type == "cuda"
         # A host tier between disk and the compute slots: always with a GPU; on a CPU only when
         # asked for (tests use it to run the tiered and CPU-expert paths without a GPU).
@@ -139,10 +147,15 @@ class OffloadedExperts:
         events = self.events  # None unless a decode step's timeline is being recorded
         begin = time.perf_counter() if events is not None else 0.0
         counters = self.stats[layer]
+        if self.prefetch is not None and self.prefetch.by_gain:
+            self.prefetch.costs = self.clock.costs(time.perf_counter(), self.evictions.seconds())
         chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
         plan = self.plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
         self.started = set()  # keys of this step whose read (or CPU expert) was submitted
         present = plan.present
+        for e in plan.missing:  # a miss of an expert evicted early costs about one fetch
+            self.evictions.requested((layer, e), self.prefetch.costs.fetch if self.prefetch is not None
+                                     and self.prefetch.costs is not None else 0.0)
         counters.hits += len(present)
         counters.misses += len(plan.missing)
         on_cpu = []
@@ -358,10 +371,11 @@ class OffloadedExperts:
         """Start what the plan decided: read (and on a GPU copy) `fetch.key` into its compute slot."""
         (layer, expert), slot, counters = fetch.key, fetch.slot, self.stats[fetch.key[0]]
         self.copy_done.pop(fetch.evicted, None)  # the evicted expert's old copy event means nothing now
+        self.evictions.admitted(fetch.key, fetch.evicted)
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
             if self.events is None:
-                future = self.io.submit(self.reader.read, layer, expert, self.pool.targets(slot))
+                future = self.io.submit(self._timed, self.reader.read, layer, expert, self.pool.targets(slot))
             else:
                 future = self.io.submit(self._recorded_read, self.events, layer, expert, self.pool.targets(slot))
             self.outstanding[future] = Claim(fetch.key, None, None)
@@ -370,8 +384,8 @@ class OffloadedExperts:
         counters.bytes_from_disk += self.expert_bytes if fetch.from_disk else 0
         counters.bytes_to_device += self.expert_bytes
         released = self.slot_released[slot] if self.gpu else None
-        future = self.io.submit(self._to_device, layer, expert, slot, fetch.host_slot, fetch.from_disk, released,
-                                events=self.events)
+        future = self.io.submit(self._timed, self._to_device, layer, expert, slot, fetch.host_slot, fetch.from_disk,
+                                released, events=self.events)
         self.outstanding[future] = Claim(fetch.key, fetch.key, fetch.host_slot)  # released once seen through
         self.started.add(fetch.key)
         return future
@@ -421,11 +435,21 @@ class OffloadedExperts:
         if previous is not None:
             previous.synchronize()  # an earlier copy out of this host slot must finish before we overwrite it
 
+    def _timed(self, fn, *args, **kwargs):
+        """I/O thread: fn, its span handed to the link clock (the prefetch rule's costs)."""
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.clock.span(start, time.perf_counter())
+
     def _recorded_read(self, events: list, layer: int, expert: int, targets) -> int:
         """I/O thread, while recording a timeline: reader.read, timed."""
         start = time.perf_counter()
         n = self.reader.read(layer, expert, targets)
-        events.append(Event(layer, "read", start, time.perf_counter(), expert))
+        end = time.perf_counter()
+        events.append(Event(layer, "read", start, end, expert))
+        self.clock.span(start, end)
         return n
 
     def _to_device(self, layer, expert, slot, host_slot, from_disk, released, events=None):

@@ -93,6 +93,13 @@ class Prefetcher:
     def plan(self, pos: int, hidden, tokens, chosen) -> dict[int, list[int]]:
         """Predicted experts per target MoE position, best first (for every target; see `active`).
         By gain with `costs`: only those whose expected gain is positive, the link's slack spent in order."""
+        if self.by_gain and self.costs is not None and gain(1.0, self.costs.fetch, self.costs.miss,
+                                                            self.costs.slack, self.costs.victim) <= 0:
+            # Not even a sure guess would pay (an I/O-bound run, a CPU with no core to spare, or no
+            # fetch timed yet): skip the prediction itself, which costs time (the routing predictor's
+            # features, the gate's router products); the predictor still sees the step.
+            self.predictor.observe(pos, tokens, chosen)
+            return {}
         scores = self.predictor.scores(pos, hidden if self.predictor.needs_hidden else None, tokens, chosen)
         self.predictor.observe(pos, tokens, chosen)
         out = {}
@@ -154,6 +161,40 @@ class Prefetcher:
     def precision(self, pos: int) -> float | None:
         window = self.outcomes.get(pos)
         return sum(hit for _, hit in window) / len(window) if window else None
+
+
+class LinkClock:
+    """The gain rule's costs in a live run, measured as it goes (the engine has no simulator to ask):
+
+      fetch   seconds one fetch keeps the I/O path busy: the median of the recent reads (and copies)
+      miss    what a demand miss adds to its step: at most one fetch, taken as one
+      slack   I/O time per layer step left idle: the step's wall time less the time the I/O threads
+              were busy in it (over their count), averaged over steps
+
+    An I/O-bound run has no slack, so a guess costs a whole fetch and saves at most one: the rule
+    turns prefetching off there, and on where reads leave the link idle. `overlaps=False` says a fetch
+    never runs beside the compute for free (a CPU run whose threads take every core: the copy out of
+    the page cache takes a core from the experts), so the slack is 0. I/O threads call `span`; the
+    main thread calls `costs` once per layer step."""
+
+    def __init__(self, io_threads: int, keep: int = 256, smoothing: float = 0.2, overlaps: bool = True):
+        self.io_threads, self.smoothing, self.overlaps = max(1, io_threads), smoothing, overlaps
+        self.spans: deque = deque(maxlen=keep)  # (start, end) perf_counter seconds; appends are thread-safe
+        self.slack = 0.0
+        self.begin: float | None = None
+
+    def span(self, start: float, end: float) -> None:
+        self.spans.append((start, end))
+
+    def costs(self, now: float, victim: float = 0.0) -> Costs:
+        spans = list(self.spans)
+        fetch = float(np.median([e - s for s, e in spans[-32:]])) if spans else 0.0
+        if self.begin is not None and self.overlaps:
+            busy = sum(max(0.0, min(e, now) - max(s, self.begin)) for s, e in spans) / self.io_threads
+            step = max(0.0, (now - self.begin) - busy)
+            self.slack += self.smoothing * (step - self.slack)
+        self.begin = now
+        return Costs(fetch=fetch, miss=fetch, slack=self.slack, victim=victim)
 
 
 class Evictions:

@@ -251,3 +251,47 @@ def test_the_runtime_prefetches_with_routing_online_and_stays_exact(model_dir):
     llm = check_matches_resident(path, ids, cpu_memory=budget(path, 6)[0], predictor="routing")
     assert sum(c.prefetch_issued for c in llm.stats.experts.layers.values()) > 0
     assert offload.load(path, device="cpu", predictor="routing").describe()  # resident: nothing to prefetch
+
+
+def test_the_link_clock_measures_fetch_time_and_slack():
+    """Fetch: the median read; slack: the step's time the I/O threads left idle (none where reads take a
+    core from the compute: overlaps=False)."""
+    from offload.prefetch import LinkClock
+
+    for overlaps, expected in ((True, 0.2 * 0.6), (False, 0.0)):
+        clock = LinkClock(io_threads=1, smoothing=0.2, overlaps=overlaps)
+        clock.costs(now=10.0)  # the first step begins
+        clock.span(10.0, 10.2)
+        clock.span(10.3, 10.5)  # 0.4 s busy in a 1 s step: 0.6 s idle
+        costs = clock.costs(now=11.0)
+        assert abs(costs.fetch - 0.2) < 1e-9 and costs.miss == costs.fetch
+        assert abs(costs.slack - expected) < 1e-9
+
+
+def test_no_prediction_is_made_where_not_even_a_sure_guess_pays():
+    """The gain rule with no slack: a right guess saves one fetch and costs 1.25: the predictor is not
+    even asked for scores (its cost matters: the routing predictor's features), only shown the step."""
+    import numpy as np
+
+    from offload.prefetch import Costs, Prefetcher
+
+    class Counting:
+        needs_hidden = False
+
+        def __init__(self):
+            self.scored = self.observed = 0
+
+        def scores(self, pos, hidden, tokens, chosen):
+            self.scored += 1
+            return {pos + 1: np.full((1, 4), 0.9)}
+
+        def observe(self, pos, tokens, chosen):
+            self.observed += 1
+
+    predictor = Counting()
+    prefetcher = Prefetcher(predictor, top_k=2, limit=2, calibration=lambda s: s, costs=Costs(fetch=0.01, miss=0.01))
+    assert prefetcher.plan(0, None, None, np.array([[0, 1]])) == {}
+    assert (predictor.scored, predictor.observed) == (0, 1)
+    prefetcher.costs = Costs(fetch=0.01, miss=0.01, slack=0.05)  # idle link: a likely guess pays
+    assert prefetcher.plan(0, None, None, np.array([[0, 1]])) == {1: [0, 1]}
+    assert predictor.scored == 1
