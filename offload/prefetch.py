@@ -96,9 +96,8 @@ class Prefetcher:
         if self.by_gain and self.costs is not None and gain(1.0, self.costs.fetch, self.costs.miss,
                                                             self.costs.slack, self.costs.victim) <= 0:
             # Not even a sure guess would pay (an I/O-bound run, a CPU with no core to spare, or no
-            # fetch timed yet): skip the prediction itself, which costs time (the routing predictor's
-            # features, the gate's router products); the predictor still sees the step.
-            self.predictor.observe(pos, tokens, chosen)
+            # fetch timed yet): skip the predictor altogether, its scores and its online learning both
+            # cost time (the routing predictor: about 0.6 ms per layer step, 13% of a fast CPU decode).
             return {}
         scores = self.predictor.scores(pos, hidden if self.predictor.needs_hidden else None, tokens, chosen)
         self.predictor.observe(pos, tokens, chosen)

@@ -270,7 +270,7 @@ def test_the_link_clock_measures_fetch_time_and_slack():
 
 def test_no_prediction_is_made_where_not_even_a_sure_guess_pays():
     """The gain rule with no slack: a right guess saves one fetch and costs 1.25: the predictor is not
-    even asked for scores (its cost matters: the routing predictor's features), only shown the step."""
+    even asked (its cost matters: the routing predictor's features and online counts)."""
     import numpy as np
 
     from offload.prefetch import Costs, Prefetcher
@@ -291,7 +291,7 @@ def test_no_prediction_is_made_where_not_even_a_sure_guess_pays():
     predictor = Counting()
     prefetcher = Prefetcher(predictor, top_k=2, limit=2, calibration=lambda s: s, costs=Costs(fetch=0.01, miss=0.01))
     assert prefetcher.plan(0, None, None, np.array([[0, 1]])) == {}
-    assert (predictor.scored, predictor.observed) == (0, 1)
+    assert (predictor.scored, predictor.observed) == (0, 0)
     prefetcher.costs = Costs(fetch=0.01, miss=0.01, slack=0.05)  # idle link: a likely guess pays
     assert prefetcher.plan(0, None, None, np.array([[0, 1]])) == {1: [0, 1]}
     assert predictor.scored == 1
