@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, on a machine with a CUDA GPU, torch, transformers and no network: the gpu-marked
 # tests, then `offload check-gpu` (random Mixtral-shaped and 128-expert checkpoints drawn on the GPU,
-# decode speed against transformers and the bandwidth bounds). About 5-8 minutes on an H100/H200.
+# decode speed against transformers and the bandwidth bounds). 2-3 minutes on an H200 (measured).
 # Installs nothing from the network: the project itself is linked in with --no-deps if needed.
 # Arguments go to `offload check-gpu` (e.g. --shapes mixtral --tokens 32 --dir /scratch/x).
 set -uo pipefail
