@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from dataclasses import replace
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -148,7 +149,9 @@ class OffloadedExperts:
         begin = time.perf_counter() if events is not None else 0.0
         counters = self.stats[layer]
         if self.prefetch is not None and self.prefetch.by_gain:
-            self.prefetch.costs = self.clock.costs(time.perf_counter(), self.evictions.seconds())
+            costs = self.clock.costs(time.perf_counter())
+            # Until evictions settle, each is assumed to cost a miss (a fetch): cautious, as in the simulator.
+            self.prefetch.costs = replace(costs, victim=self.evictions.seconds(prior=costs.fetch))
         chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
         plan = self.plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
         self.started = set()  # keys of this step whose read (or CPU expert) was submitted

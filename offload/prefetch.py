@@ -167,8 +167,9 @@ class LinkClock:
 
       fetch   seconds one fetch keeps the I/O path busy: the median of the recent reads (and copies)
       miss    what a demand miss adds to its step: at most one fetch, taken as one
-      slack   I/O time per layer step left idle: the step's wall time less the time the I/O threads
-              were busy in it (over their count), averaged over steps
+      slack   I/O time per layer step left idle: the step's wall time less the time some read was
+              in flight (one read stream fills a disk or a link: two at once do not go twice as
+              fast), averaged over steps
 
     An I/O-bound run has no slack, so a guess costs a whole fetch and saves at most one: the rule
     turns prefetching off there, and on where reads leave the link idle. `overlaps=False` says a fetch
@@ -189,11 +190,21 @@ class LinkClock:
         spans = list(self.spans)
         fetch = float(np.median([e - s for s, e in spans[-32:]])) if spans else 0.0
         if self.begin is not None and self.overlaps:
-            busy = sum(max(0.0, min(e, now) - max(s, self.begin)) for s, e in spans) / self.io_threads
+            busy = _covered(spans, self.begin, now)
             step = max(0.0, (now - self.begin) - busy)
             self.slack += self.smoothing * (step - self.slack)
         self.begin = now
         return Costs(fetch=fetch, miss=fetch, slack=self.slack, victim=victim)
+
+
+def _covered(spans: list, begin: float, end: float) -> float:
+    """Seconds of [begin, end] during which at least one of the (start, stop) spans ran."""
+    total, reach = 0.0, begin
+    for start, stop in sorted((max(s, begin), min(e, end)) for s, e in spans if e > begin and s < end):
+        if stop > reach:
+            total += stop - max(start, reach)
+            reach = stop
+    return total
 
 
 class Evictions:
@@ -235,9 +246,10 @@ class Evictions:
             self.settled += 1
             self.lost += seconds
 
-    def seconds(self) -> float:
-        """Expected seconds one more admission costs."""
-        return self.capacity * (self.lost + self.prior) / (self.settled + 2.0)
+    def seconds(self, prior: float | None = None) -> float:
+        """Expected seconds one more admission costs (`prior`: the miss cost to assume until evictions
+        settle, where it was not known when this was made: a live run's measured fetch time)."""
+        return self.capacity * (self.lost + (self.prior if prior is None else prior)) / (self.settled + 2.0)
 
 
 class MissCost:
