@@ -87,7 +87,10 @@ class OffloadedExperts:
         # The compute-side tier: GPU slots, or on a CPU the RAM cache itself.
         self.pool = SlotPool(placement.device_slots, fmt, device)
         self.cache = ExpertCache(placement.device_slots, make_policy(policy), self.layers, split)
-        self.evictions = Evictions(self.cache.capacity_for(self.layers[0]), split == "layer", prior=0.0)
+        # Only the gain rule reads what evictions cost: without it nothing is tracked on the hot path.
+        by_gain = prefetch is not None and prefetch.by_gain
+        self.evictions = Evictions(self.cache.capacity_for(self.layers[0]), split == "layer", prior=0.0) \
+            if by_gain else None
         self.gpu = device.type == "cuda"
         # A host tier between disk and the compute slots: always with a GPU; on a CPU only when
         # asked for (tests use it to run the tiered and CPU-expert paths without a GPU).
@@ -148,7 +151,7 @@ class OffloadedExperts:
         events = self.events  # None unless a decode step's timeline is being recorded
         begin = time.perf_counter() if events is not None else 0.0
         counters = self.stats[layer]
-        if self.prefetch is not None and self.prefetch.by_gain:
+        if self.evictions is not None:  # prefetch by expected gain: this step's costs
             costs = self.clock.costs(time.perf_counter())
             # Until evictions settle, each is assumed to cost a miss (a fetch): cautious, as in the simulator.
             self.prefetch.costs = replace(costs, victim=self.evictions.seconds(prior=costs.fetch))
@@ -156,9 +159,9 @@ class OffloadedExperts:
         plan = self.plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
         self.started = set()  # keys of this step whose read (or CPU expert) was submitted
         present = plan.present
-        for e in plan.missing:  # a miss of an expert evicted early costs about one fetch
-            self.evictions.requested((layer, e), self.prefetch.costs.fetch if self.prefetch is not None
-                                     and self.prefetch.costs is not None else 0.0)
+        if self.evictions is not None:
+            for e in plan.missing:  # a miss of an expert evicted early costs about one fetch
+                self.evictions.requested((layer, e), self.prefetch.costs.fetch)
         counters.hits += len(present)
         counters.misses += len(plan.missing)
         on_cpu = []
@@ -374,7 +377,8 @@ class OffloadedExperts:
         """Start what the plan decided: read (and on a GPU copy) `fetch.key` into its compute slot."""
         (layer, expert), slot, counters = fetch.key, fetch.slot, self.stats[fetch.key[0]]
         self.copy_done.pop(fetch.evicted, None)  # the evicted expert's old copy event means nothing now
-        self.evictions.admitted(fetch.key, fetch.evicted)
+        if self.evictions is not None:
+            self.evictions.admitted(fetch.key, fetch.evicted)
         if not self.tiered:  # the compute slots are RAM: read straight into them
             counters.bytes_from_disk += self.expert_bytes
             if self.events is None:

@@ -47,16 +47,11 @@ def sync(device: torch.device) -> None:
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Bytes/s the device reads and writes in a copy (counting both), median of 5."""
+    from .profile import _median_seconds
+
     a = torch.empty(nbytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    times = []
-    for _ in range(6):
-        sync(device)
-        start = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times[1:])
+    return 2 * nbytes / _median_seconds(lambda: b.copy_(a), 5, lambda: sync(device))
 
 
 def prompt_ids(vocab: int, n: int = 16) -> list[int]:
