@@ -8,13 +8,17 @@ stack of a layer, or the offloaded slot pool) and `combine` adds each token's K 
 
 Two kernels, picked once per (format, device):
   fused   dense bf16/fp16/fp32 experts where torch.nn.functional.grouped_mm runs (CUDA sm80+
-          with bf16; the CPU in torch >= 2.13): three grouped GEMMs over the whole stack, with
-          the group offsets on the device, so a resident layer needs no host sync at all
-  loop    every other case (quantized formats, the T4, a torch without grouped_mm): the
-          format's per-expert kernel (offload/kernels.py) over each run, from host offsets
+          with bf16; the CPU in torch >= 2.13), and int8/int4 experts without biases where
+          offload/triton_moe.py's kernels run (CUDA; fp16 on a T4): two grouped matmuls over
+          the whole stack, the activation between them, with the group offsets on the device, so
+          a resident layer needs no host sync at all
+  loop    every other case (mxfp4, experts with biases, dense on the T4, a torch without
+          grouped_mm or a GPU without Triton): the format's per-expert kernel
+          (offload/kernels.py) over each run, from host offsets
 
 Exactness: a group's rows come out the same whatever other groups share the call (checked on
-the CPU, where both kernels give F.linear's bits, and on a GPU by the gpu-marked tests), and
+the CPU, where both dense kernels give F.linear's bits, for the Triton kernels through Triton's
+interpreter, and on a GPU by the gpu-marked tests), and
 `combine` reduces a [N, K, H] tensor whose K entries are in ascending expert order: resident,
 offloaded and hybrid runs of one model give identical bits.
 
@@ -31,8 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import triton_moe
 from .formats import ExpertFormat
 from .kernels import Kernel, split_gate_up
+from .triton_moe import one_group
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -95,18 +101,18 @@ class GroupedKernel:
 
     def __init__(self, fmt: ExpertFormat, kernel: Kernel, act: Callable, glu: Callable | None, fused: bool):
         self.fmt, self.kernel, self.act, self.glu, self.fused = fmt, kernel, act, glu, fused
+        self.per_matrix = 1 if fmt.kind == "dense" else 2  # pieces per matrix: W, or q and its scales
 
     def group(self, x: torch.Tensor, weights: tuple) -> torch.Tensor:
         """One group's rows x [n, H] through one expert's packed weights -> [n, H]."""
         if not self.fused:
             return self.kernel(x, weights)
-        gate_up, down = weights[0][None], weights[1][None]  # a stack of one: the fused call's own kernel
-        return self._ffn(x, gate_up, down, _count(x.shape[0], x.device))
+        stack = [w[None] for w in weights[:2 * self.per_matrix]]  # a stack of one: the fused call's own kernel
+        return self._ffn(x, stack, one_group(x.shape[0], x.device))
 
     def all(self, x: torch.Tensor, pool_data: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """Every group's rows x [M, H] against the pool's slots [G, nbytes] -> [M, H], in one call."""
-        gate_up, down = self.fmt.stacked_views(pool_data)[:2]
-        return self._ffn(x, gate_up, down, offs)
+        return self._ffn(x, self.fmt.stacked_views(pool_data), offs)
 
     def loop(self, x: torch.Tensor, ends, weights_of: Callable[[int], tuple]) -> torch.Tensor:
         """Every non-empty group through `group`, from host offsets `ends` [G]."""
@@ -118,34 +124,32 @@ class GroupedKernel:
             start = end
         return y
 
-    def _ffn(self, x, gate_up, down, offs):
-        # x [M, H]; gate_up [G, 2I, H], down [G, H, I]: F.linear's layout, so the GEMMs take transposes.
-        h = _grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)  # [M, 2I]
+    def _ffn(self, x, pieces, offs):
+        # x [M, H]; pieces: stacked_views' [G, ...] pieces, gate_up's (matrix [G, 2I, H] in F.linear's
+        # layout, or q and its scales), then down's ([G, H, I]).
+        p = self.per_matrix
+        h = self._matmul(x, pieces[:p], offs)  # [M, 2I]
         gate, up = split_gate_up(h, self.fmt.interleaved)
         a = self.act(gate) * up if self.glu is None else self.glu(gate, up)  # [M, I]
-        return _grouped_mm(a, down.transpose(-2, -1), offs=offs)  # [M, H]
+        return self._matmul(a, pieces[p:2 * p], offs)  # [M, H]
+
+    def _matmul(self, x, matrix, offs):
+        if self.per_matrix == 1:  # [G, N, K]: grouped_mm takes its transpose
+            return _grouped_mm(x, matrix[0].transpose(-2, -1), offs=offs)
+        return triton_moe.grouped_linear(self.fmt.kind, x, *matrix, offs)
 
 
-_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _count(n: int, device: torch.device) -> torch.Tensor:
-    """[n] as an int32 device tensor of one element, sliced from a cached arange: no host -> device
-    copy (which would wait for the GPU) per expert."""
-    counts = _counts.get(device)
-    if counts is None or counts.numel() <= n:
-        with torch.inference_mode(False):  # kept across calls, inside and outside inference mode
-            counts = _counts[device] = torch.arange(max(2 * n, 1024), dtype=torch.int32, device=device)
-    return counts[n:n + 1]
-
-
-# Set by tests to run the fused kernel on the CPU (where it gives the loop's bits) or never.
+# Set by tests to run the fused kernel on the CPU (where it gives the loop's bits) or never. Quantized
+# experts run fused on the CPU only with triton_moe.INTERPRET set too (Triton's interpreter).
 FUSED: bool | None = None
 
 
 def grouped_kernel(fmt: ExpertFormat, device: torch.device, kernel: Kernel, act: Callable,
                    glu: Callable | None = None) -> GroupedKernel:
     """The grouped form of `kernel` (expert_kernel's choice for this format and device)."""
+    if fmt.kind in ("int8", "int4"):  # biases (GPT-OSS) would be added per group: left to the loop
+        fused = FUSED is not False and not fmt.bias and triton_moe.available(device, fmt.dtype)
+        return GroupedKernel(fmt, kernel, act, glu, fused)
     # grouped_mm on a GPU wants 16-byte aligned strides: rows of H and I elements, slots of nbytes.
     aligned = (fmt.hidden * fmt.dtype.itemsize) % 16 == 0 and (fmt.width * fmt.dtype.itemsize) % 16 == 0
     fusable = fmt.kind == "dense" and not fmt.bias and not fmt.transposed and aligned and fmt.nbytes % 16 == 0

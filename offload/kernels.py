@@ -10,9 +10,11 @@ formats. What each computes is down(act(gate(x)) * up(x)):
   int8, CPU           torch._weight_int8pack_mm (bf16 activations) below DEQUANT_TOKENS["int8"] tokens
   int4, CPU           torch._weight_int4pack_mm_for_cpu (bf16 activations, the slot's nibbles as read
                       from disk) below DEQUANT_TOKENS["int4"] tokens
-  quantized, else     dequantize into the compute dtype, then F.linear: the GPU path for now (any
-                      CUDA card, the T4 included), prefill-sized batches on the CPU (where bf16 GEMMs
-                      beat the weight-only kernels), and a torch whose int4 packing changed
+  int8, int4, CUDA    offload/triton_moe.py's Triton kernels, straight from the packed bytes (a group
+                      of one: the bits of the grouped call over a layer's experts, offload/grouped.py)
+  quantized, else     dequantize into the compute dtype, then F.linear: mxfp4, a GPU without Triton,
+                      prefill-sized batches on the CPU (where bf16 GEMMs beat the weight-only kernels),
+                      and a torch whose int4 packing changed
 
 The choice depends only on the format, the device and the number of tokens an
 expert gets, never on where the expert sits, so resident and offloaded runs
@@ -28,7 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .formats import ExpertFormat
+from . import triton_moe
+from .formats import DENSE_NAMES, ExpertFormat
 from .quant import INT4_BLOCK, pack_int4
 
 Kernel = Callable[[torch.Tensor, tuple], torch.Tensor]
@@ -132,7 +135,7 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
         return dequantized
 
     if device.type != "cpu":
-        return dequantized
+        return triton_kernel(fmt, act, glu) if triton_runs(fmt, device) else dequantized
     if fmt.kind == "int8" and cpu_int8_kernel_available() and int8_kernel_fits(fmt):
         def matmul(x, q, s):
             return torch._weight_int8pack_mm(x, q, s)
@@ -157,6 +160,23 @@ def expert_kernel(fmt: ExpertFormat, device: torch.device, act: Callable, glu: C
     return weight_only
 
 
+def triton_runs(fmt: ExpertFormat, device: torch.device) -> bool:
+    """Whether `fmt` experts run through offload/triton_moe.py's kernels on this GPU."""
+    return device.type == "cuda" and fmt.kind in ("int8", "int4") and triton_moe.available(device, fmt.dtype)
+
+
+def triton_kernel(fmt: ExpertFormat, act: Callable, glu: Callable | None) -> Kernel:
+    """One expert as a group of one through the Triton kernels, in the activations' dtype."""
+    def weight_only(x, packed):
+        b1, b2 = fmt.biases(packed, x.dtype)
+        gate_up = triton_moe.linear(fmt.kind, x, packed[0], packed[1])  # [n, 2I]
+        gate, up = split_gate_up(gate_up if b1 is None else gate_up + b1, fmt.interleaved)  # [n, I] each
+        y = triton_moe.linear(fmt.kind, act(gate) * up if glu is None else glu(gate, up), packed[2], packed[3])
+        return y if b2 is None else y + b2  # [n, H]
+
+    return weight_only
+
+
 def cpu_weight_only(fmt: ExpertFormat) -> bool:
     """Whether the CPU computes `fmt` at about the speed of reading its bytes (dense, or a weight-only
     kernel), rather than dequantizing every expert on every call (mxfp4: 100x slower at batch 1)."""
@@ -172,4 +192,6 @@ def kernel_name(fmt: ExpertFormat, device: torch.device) -> str:
                                  or (fmt.kind == "int4" and cpu_int4_kernel_agrees())):
         return (f"torch's {fmt.kind} weight-only kernel below {dequant_tokens(fmt.kind)} tokens per expert, "
                 f"dequantized GEMM above")
+    if triton_runs(fmt, device):
+        return f"Triton {fmt.kind} kernel from the packed bytes ({DENSE_NAMES[fmt.dtype]} dot, fp32 accumulation)"
     return "dequantized to the compute dtype, then F.linear"
