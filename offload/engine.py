@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .cache.policy import make_policy
+from .cache.priority import CHUNK, Cancelled, ReadGate
 from .cache.state import ExpertCache
 from .cache.store import IO_THREADS, ExpertReader, SlotPool
 from .errors import OffloadError
@@ -65,7 +66,14 @@ class OffloadedExperts:
         # On a CPU whose cores all compute, a read (a copy out of the page cache, or a disk read's
         # syscalls) takes a core from the experts: nothing runs beside them for free.
         spare_core = device.type != "cpu" or (os.cpu_count() or 1) > torch.get_num_threads()
-        self.clock = LinkClock(io_threads, overlaps=spare_core)
+        # On a CPU with no host tier a prefetch is a disk read into the RAM cache: it yields to demand
+        # reads (cache/priority.py), on its own thread, so that a waiting guess never holds up the pool.
+        self.yielding = device.type == "cpu" and placement.host_slots == 0 and prefetch is not None
+        self.gate = ReadGate()
+        self.tickets: dict = {}  # key -> Ticket of a yielding prefetch not yet seen through
+        self.prefetch_io = ThreadPoolExecutor(1, thread_name_prefix="offload-prefetch") if self.yielding else None
+        self.clock = LinkClock(io_threads, spare_core=spare_core, yielding=self.yielding,
+                               chunk_fraction=min(1.0, CHUNK / max(1, placement.expert_bytes)))
         # Every read, copy or CPU expert submitted and not yet seen through by the main thread, and
         # what it holds: released when seen, or undone by _recover after a failure.
         self.outstanding: dict[Future, Claim] = {}
@@ -156,6 +164,8 @@ class OffloadedExperts:
             # Until evictions settle, each is assumed to cost a miss (a fetch): cautious, as in the simulator.
             self.prefetch.costs = replace(costs, victim=self.evictions.seconds(prior=costs.fetch))
         chosen, mean_probs = self._read_routing(ids, probs)  # the layer's one device -> host read
+        if self.tickets:
+            self._judge_guesses(layer, set(np.unique(chosen).tolist()))
         plan = self.plan = LayerPlan(layer, np.unique(chosen).tolist(), self.cache, self.host, mean_probs)
         self.started = set()  # keys of this step whose read (or CPU expert) was submitted
         present = plan.present
@@ -204,7 +214,7 @@ class OffloadedExperts:
                 if cpu_parts:
                     self._collect_cpu(layer, cpu_parts, y, rows, counters)
                 elif self.prefetching:  # wrong guesses still being read into this layer's slots
-                    next(iter(self.prefetching.values())).result()
+                    self._finish_prefetch(next(iter(self.prefetching)))
                     self._forget_finished_prefetches()
                 else:
                     raise RuntimeError(f"layer {layer}: experts {list(plan.pending)} can get no slot")  # a bug
@@ -339,25 +349,55 @@ class OffloadedExperts:
             fetch = plan.prefetch(key, self.prefetching)
             if fetch is None:
                 continue
-            self.prefetching[key] = self._fetch(fetch)
+            self.prefetching[key] = self._fetch(fetch, speculative=True)
             counters.prefetch_issued += 1
             self.prefetch.issued(target, e)
 
     def _await_prefetch(self, key, counters) -> None:
         future = self.prefetching.pop(key, None)
+        self.tickets.pop(key, None)  # promoted by _judge_guesses: an ordinary read now
         if future is not None:
             self._await(future, counters, key)
         elif self.gpu and key in self.copy_done:
             torch.cuda.current_stream(self.device).wait_event(self.copy_done.pop(key))
 
+    def _judge_guesses(self, layer: int, requested: set[int]) -> None:
+        """The routing of a layer whose experts were guessed is known: its right guesses still being
+        read go on as demand reads, its wrong ones stop before their next chunk. A wrong guess whose
+        expert this step needs after all (guessed for an earlier step) first stops and leaves the cache."""
+        for key, ticket in list(self.tickets.items()):
+            if key[0] != layer:
+                continue
+            if ticket.cancelled:
+                if key[1] in requested:
+                    self._finish_prefetch(key)
+            elif key[1] in requested:
+                ticket.promote()
+            else:
+                ticket.cancel()
+
     def _forget_finished_prefetches(self) -> None:
         for key, future in list(self.prefetching.items()):
             if future.done():
-                ready = future.result()  # a failed prefetch raises here, and the step recovers
-                del self.prefetching[key]
-                self._release(future)
-                if self.gpu:
-                    self.copy_done[key] = ready  # still needed to order the first use after the copy
+                self._finish_prefetch(key)
+
+    def _finish_prefetch(self, key) -> None:
+        """Main thread: see a prefetch's read through (waiting for it, if it runs). A cancelled one
+        left part of its expert in the slot: the key leaves the cache, and the stats keep the bytes
+        it did read."""
+        future, ticket = self.prefetching.pop(key), self.tickets.pop(key, None)
+        try:
+            ready = future.result()  # a failed prefetch raises here, and the step recovers
+        except Cancelled:
+            self._release(future)
+            self.cache.evict(key)
+            counters = self.stats[key[0]]
+            counters.bytes_from_disk -= self.expert_bytes - ticket.bytes
+            counters.prefetch_cancelled += 1
+            return
+        self._release(future)
+        if self.gpu:
+            self.copy_done[key] = ready  # still needed to order the first use after the copy
 
     def _compute(self, layer: int, x: torch.Tensor, y: torch.Tensor, rows: slice, expert: int, slot: int) -> None:
         """One expert's rows of x [M, H] into the same rows of y, from its compute slot."""
@@ -373,18 +413,23 @@ class OffloadedExperts:
 
     # ---- fetching ----------------------------------------------------------
 
-    def _fetch(self, fetch: Fetch) -> Future:
-        """Start what the plan decided: read (and on a GPU copy) `fetch.key` into its compute slot."""
+    def _fetch(self, fetch: Fetch, speculative: bool = False) -> Future:
+        """Start what the plan decided: read (and on a GPU copy) `fetch.key` into its compute slot.
+        `speculative`: a prefetch (with yielding reads, it reads in the demand reads' gaps)."""
         (layer, expert), slot, counters = fetch.key, fetch.slot, self.stats[fetch.key[0]]
         self.copy_done.pop(fetch.evicted, None)  # the evicted expert's old copy event means nothing now
         if self.evictions is not None:
             self.evictions.admitted(fetch.key, fetch.evicted)
         if not self.tiered:  # the compute slots are RAM: read straight into them
-            counters.bytes_from_disk += self.expert_bytes
-            if self.events is None:
-                future = self.io.submit(self._timed, self.reader.read, layer, expert, self.pool.targets(slot))
+            counters.bytes_from_disk += self.expert_bytes  # a cancelled guess gives back what it did not read
+            targets = self.pool.targets(slot)
+            if speculative and self.yielding:
+                ticket = self.tickets[fetch.key] = self.gate.ticket()
+                future = self.prefetch_io.submit(self._read, layer, expert, targets, ticket, self.events)
             else:
-                future = self.io.submit(self._recorded_read, self.events, layer, expert, self.pool.targets(slot))
+                if self.yielding:
+                    self.gate.begin_demand()  # guesses wait from now on, not from when the read starts
+                future = self.io.submit(self._read, layer, expert, targets, None, self.events)
             self.outstanding[future] = Claim(fetch.key, None, None)
             self.started.add(fetch.key)
             return future
@@ -402,6 +447,8 @@ class OffloadedExperts:
         must not be handed out while a thread writes it), and forget the experts whose read failed
         or was never seen through, so the caches hold only experts that are really there. The
         next call starts clean: it reads them again, or fails the same clean way."""
+        for ticket in self.tickets.values():
+            ticket.cancel()  # guesses stop before their next chunk (the loop below waits for them)
         for future, claim in list(self.outstanding.items()):
             try:
                 future.result()
@@ -423,6 +470,7 @@ class OffloadedExperts:
         self.plan = None
         self.outstanding.clear()
         self.prefetching.clear()
+        self.tickets.clear()
         # The copy events are dropped with the bookkeeping: make the compute stream wait for every copy
         # queued so far instead, so no expert that stays cached is read before it has landed.
         if self.gpu:
@@ -450,14 +498,20 @@ class OffloadedExperts:
         finally:
             self.clock.span(start, time.perf_counter())
 
-    def _recorded_read(self, events: list, layer: int, expert: int, targets) -> int:
-        """I/O thread, while recording a timeline: reader.read, timed."""
-        start = time.perf_counter()
-        n = self.reader.read(layer, expert, targets)
-        end = time.perf_counter()
-        events.append(Event(layer, "read", start, end, expert))
-        self.clock.span(start, end)
-        return n
+    def _read(self, layer: int, expert: int, targets, ticket, events) -> int:
+        """I/O thread: one expert from disk into its RAM slot (`ticket`: a yielding guess), its span and
+        CPU time handed to the link clock (and, while recording, to the timeline)."""
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return self.reader.read(layer, expert, targets, ticket)
+        finally:
+            end = time.perf_counter()
+            if self.yielding and ticket is None:
+                self.gate.end_demand()
+            # A guess's span includes its waits: only demand reads time the disk.
+            self.clock.span(start, end, time.thread_time() - cpu, demand=ticket is None)
+            if events is not None:
+                events.append(Event(layer, "read", start, end, expert))
 
     def _to_device(self, layer, expert, slot, host_slot, from_disk, released, events=None):
         """I/O thread: disk -> host slot (if needed), then host -> compute slot (on the copy stream on a GPU)."""
@@ -486,6 +540,10 @@ class OffloadedExperts:
         return done
 
     def close(self) -> None:
+        for ticket in self.tickets.values():
+            ticket.cancel()
+        if self.prefetch_io is not None:
+            self.prefetch_io.shutdown(wait=True)
         self.io.shutdown(wait=True)
         if self.tiered:
             self.cpu_worker.shutdown(wait=True)

@@ -26,7 +26,19 @@ Two rules decide which of them go:
   outlasts the `slack` (link time left before the next layer needs it) costs
   anything, right or wrong; `evictions`: the expected seconds lost to what it
   pushes out of full tiers (`Evictions`, learned from the run's own evictions);
-  MARGIN > 1 leaves near-even trades alone. `gain` is that rule; the simulator
+  MARGIN > 1 leaves near-even trades alone.
+
+  Where speculative reads yield to demand reads (a CPU run reading experts from disk:
+  cache/priority.py), a guess never holds up a demand read by more than one chunk, and
+  reads only while no demand read runs, so the rule becomes
+
+      p * miss * ahead  >  MARGIN * ((1 - p) * (cpu * ahead + late) + evictions)
+
+  `ahead` = min(1, slack / fetch): the part of the expert read before its layer needs it (a
+  right guess saves that much of its miss; a wrong one is cancelled there); `cpu`: the CPU
+  seconds one read takes from the compute where no core is spare; `late` = min(chunk,
+  fetch - slack): a wrong guess still reading when the routing arrives delays a demand read by
+  at most its chunk in flight. `gain` is that rule; the simulator
   gives it each step's own slack, misses and victims, the engine fixed
   `costs`. The window then corrects the calibration online instead of
   switching layers off: per target layer, the probabilities are scaled by
@@ -56,21 +68,35 @@ class Costs:
     miss: float  # what a demand miss adds to its layer step
     slack: float = 0.0  # link time per layer step that a prefetch can take without delaying the next
     victim: float = 0.0  # expected seconds lost to the expert a prefetch evicts
+    cpu: float = 0.0  # yielding reads: the CPU seconds one read takes from the compute (0: a core is spare)
+    chunk: float = 0.0  # yielding reads: seconds of one chunk, the most a guess delays a demand read
+    yielding: bool = False  # speculative reads yield to demand reads (cache/priority.py)
 
     def __post_init__(self):
-        if min(self.fetch, self.miss, self.slack, self.victim) < 0:
-            raise ValueError("fetch, miss, slack and victim are seconds: none may be negative")
+        if min(self.fetch, self.miss, self.slack, self.victim, self.cpu, self.chunk) < 0:
+            raise ValueError("fetch, miss, slack, victim, cpu and chunk are seconds: none may be negative")
 
 
 MARGIN = 1.25  # costs are weighed up by this much: a fetch must save clearly more than it costs
 
 
-def gain(p: float, fetch: float, miss: float, slack: float, victim: float = 0.0) -> float:
+def gain(p: float, fetch: float, miss: float, slack: float, victim: float = 0.0, cpu: float = 0.0,
+         chunk: float = 0.0, yielding: bool = False) -> float:
     """Expected seconds saved by fetching ahead an expert needed with probability p (see the module
     docstring), its costs weighed up by MARGIN (calibration and the cost figures err: where the
     trade is near even, it is not worth the risk); fetch it only where this is positive.
-    `victim`: the expected seconds its evictions cost."""
+    `victim`: the expected seconds its evictions cost; `cpu`, `chunk`: a yielding read's costs."""
+    if yielding:
+        ahead = min(1.0, max(0.0, slack) / fetch) if fetch > 0 else 0.0
+        late = min(chunk, max(0.0, fetch - max(0.0, slack)))
+        return p * miss * ahead - MARGIN * ((1.0 - p) * (cpu * ahead + late) + victim)
     return p * miss - MARGIN * (max(0.0, fetch - max(0.0, slack)) + victim)
+
+
+def gain_of(p: float, costs: Costs, slack: float | None = None) -> float:
+    """`gain` with a live run's `costs` (and the slack still unspent in this step, if given)."""
+    c = costs
+    return gain(p, c.fetch, c.miss, c.slack if slack is None else slack, c.victim, c.cpu, c.chunk, c.yielding)
 
 
 class Prefetcher:
@@ -93,8 +119,7 @@ class Prefetcher:
     def plan(self, pos: int, hidden, tokens, chosen) -> dict[int, list[int]]:
         """Predicted experts per target MoE position, best first (for every target; see `active`).
         By gain with `costs`: only those whose expected gain is positive, the link's slack spent in order."""
-        if self.by_gain and self.costs is not None and gain(1.0, self.costs.fetch, self.costs.miss,
-                                                            self.costs.slack, self.costs.victim) <= 0:
+        if self.by_gain and self.costs is not None and gain_of(1.0, self.costs) <= 0:
             # Not even a sure guess would pay (an I/O-bound run, a CPU with no core to spare, or no
             # fetch timed yet): skip the predictor altogether, its scores and its online learning both
             # cost time (the routing predictor: about 0.6 ms per layer step, 13% of a fast CPU decode).
@@ -109,7 +134,7 @@ class Prefetcher:
                 self.given[target] = p
                 keep, slack = [], c.slack
                 for e in ranked:
-                    if gain(p[e], c.fetch, c.miss, slack, c.victim) > 0:
+                    if gain_of(p[e], c, slack) > 0:
                         keep.append(e)
                         slack -= c.fetch
                 ranked = keep
@@ -165,36 +190,48 @@ class Prefetcher:
 class LinkClock:
     """The gain rule's costs in a live run, measured as it goes (the engine has no simulator to ask):
 
-      fetch   seconds one fetch keeps the I/O path busy: the median of the recent reads (and copies)
+      fetch   seconds one fetch keeps the I/O path busy: the median of the recent demand reads (and
+              copies)
       miss    what a demand miss adds to its step: at most one fetch, taken as one
       slack   I/O time per layer step left idle: the step's wall time less the time some read was
               in flight (one read stream fills a disk or a link: two at once do not go twice as
               fast), averaged over steps
+      cpu     yielding reads on a CPU with no core to spare: the median CPU seconds of a read (the
+              copy out of the page cache and the syscalls, taken from the experts)
 
     An I/O-bound run has no slack, so a guess costs a whole fetch and saves at most one: the rule
-    turns prefetching off there, and on where reads leave the link idle. `overlaps=False` says a fetch
-    never runs beside the compute for free (a CPU run whose threads take every core: the copy out of
-    the page cache takes a core from the experts), so the slack is 0. I/O threads call `span`; the
-    main thread calls `costs` once per layer step."""
+    turns prefetching off there, and on where reads leave the link idle. Reads that do not yield
+    (a GPU's copies) and `spare_core=False` (a CPU run whose threads take every core: the copy out of
+    the page cache takes a core from the experts) leave no slack at all. Yielding reads
+    (cache/priority.py) run only while no demand read does, so the slack is the time no demand read
+    is in flight, and their CPU time is charged as `cpu` instead. `chunk_fraction`: one chunk's share
+    of an expert's bytes. I/O threads call `span`; the main thread calls `costs` once per layer step."""
 
-    def __init__(self, io_threads: int, keep: int = 256, smoothing: float = 0.2, overlaps: bool = True):
-        self.io_threads, self.smoothing, self.overlaps = max(1, io_threads), smoothing, overlaps
-        self.spans: deque = deque(maxlen=keep)  # (start, end) perf_counter seconds; appends are thread-safe
+    def __init__(self, io_threads: int, keep: int = 256, smoothing: float = 0.2, spare_core: bool = True,
+                 yielding: bool = False, chunk_fraction: float = 0.0):
+        self.io_threads, self.smoothing, self.spare_core = max(1, io_threads), smoothing, spare_core
+        self.yielding, self.chunk_fraction = yielding, chunk_fraction
+        self.spans: deque = deque(maxlen=keep)  # (start, end, cpu seconds, demand); appends are thread-safe
         self.slack = 0.0
         self.begin: float | None = None
 
-    def span(self, start: float, end: float) -> None:
-        self.spans.append((start, end))
+    def span(self, start: float, end: float, cpu: float = 0.0, demand: bool = True) -> None:
+        self.spans.append((start, end, cpu, demand))
 
     def costs(self, now: float, victim: float = 0.0) -> Costs:
         spans = list(self.spans)
-        fetch = float(np.median([e - s for s, e in spans[-32:]])) if spans else 0.0
-        if self.begin is not None and self.overlaps:
-            busy = _covered(spans, self.begin, now)
+        reads = [s for s in spans if s[3]][-32:]
+        fetch = float(np.median([e - s for s, e, _, _ in reads])) if reads else 0.0
+        if self.begin is not None and (self.spare_core or self.yielding):
+            busy = _covered([(s, e) for s, e, _, demand in spans if demand or not self.yielding], self.begin, now)
             step = max(0.0, (now - self.begin) - busy)
             self.slack += self.smoothing * (step - self.slack)
         self.begin = now
-        return Costs(fetch=fetch, miss=fetch, slack=self.slack, victim=victim)
+        if not self.yielding:
+            return Costs(fetch=fetch, miss=fetch, slack=self.slack, victim=victim)
+        cpu = 0.0 if self.spare_core or not reads else float(np.median([c for _, _, c, _ in reads]))
+        return Costs(fetch=fetch, miss=fetch, slack=self.slack, victim=victim, cpu=cpu,
+                     chunk=fetch * self.chunk_fraction, yielding=True)
 
 
 def _covered(spans: list, begin: float, end: float) -> float:

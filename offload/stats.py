@@ -47,6 +47,7 @@ class ExpertCounters:
     prefetch_issued: int = 0  # experts of this layer fetched ahead on a prediction
     prefetch_used: int = 0  # ... that the layer then requested while still cached
     prefetch_wasted: int = 0  # ... that it did not
+    prefetch_cancelled: int = 0  # ... of those, stopped before their read ended (CPU: guesses yield, cache/priority.py)
     experts_on_cpu: int = 0  # missing experts computed on the CPU from host RAM instead of fetched
 
     @property

@@ -161,11 +161,11 @@ def test_a_failed_read_leaves_the_cache_consistent(model_dir, monkeypatch):
     llm = offload.load(path, device="cpu", cpu_memory=4 * per_expert, cache_split="global", predictor="gate")
     real, calls = ExpertReader.read, []
 
-    def flaky(self, layer, expert, targets):
+    def flaky(self, layer, expert, targets, ticket=None):
         calls.append((layer, expert))
         if len(calls) in (3, 4):  # a demand read, then whatever comes next (prefetch or demand)
             raise OSError("simulated I/O error")
-        return real(self, layer, expert, targets)
+        return real(self, layer, expert, targets, ticket)
 
     monkeypatch.setattr(ExpertReader, "read", flaky)
     with pytest.raises(OffloadError, match="simulated I/O error"):

@@ -255,11 +255,11 @@ def test_the_runtime_prefetches_with_routing_online_and_stays_exact(model_dir):
 
 def test_the_link_clock_measures_fetch_time_and_slack():
     """Fetch: the median read; slack: the step's time the I/O threads left idle (none where reads take a
-    core from the compute: overlaps=False)."""
+    core from the compute: spare_core=False)."""
     from offload.prefetch import LinkClock
 
-    for overlaps, expected in ((True, 0.2 * 0.6), (False, 0.0)):
-        clock = LinkClock(io_threads=1, smoothing=0.2, overlaps=overlaps)
+    for spare_core, expected in ((True, 0.2 * 0.6), (False, 0.0)):
+        clock = LinkClock(io_threads=1, smoothing=0.2, spare_core=spare_core)
         clock.costs(now=10.0)  # the first step begins
         clock.span(10.0, 10.2)
         clock.span(10.3, 10.5)  # 0.4 s busy in a 1 s step: 0.6 s idle
@@ -267,6 +267,27 @@ def test_the_link_clock_measures_fetch_time_and_slack():
         costs = clock.costs(now=11.0)
         assert abs(costs.fetch - 0.2) < 1e-9 and costs.miss == costs.fetch  # the median of 0.2, 0.2, 0.1
         assert abs(costs.slack - expected) < 1e-9
+
+
+def test_with_yielding_reads_the_slack_is_the_time_no_demand_read_runs_and_cpu_time_is_charged():
+    """Speculative reads that yield (cache/priority.py) fill the idle time: they neither count as
+    busy nor shorten the slack; with no spare core their CPU seconds are a cost instead."""
+    from offload.prefetch import LinkClock, gain_of
+
+    for spare_core, cpu in ((True, 0.0), (False, 0.05)):
+        clock = LinkClock(io_threads=1, smoothing=0.2, spare_core=spare_core, yielding=True, chunk_fraction=0.25)
+        clock.costs(now=10.0)
+        clock.span(10.0, 10.2, cpu=0.05)
+        clock.span(10.3, 10.5, cpu=0.05)  # demand reads: 0.4 s busy in a 1 s step
+        clock.span(10.5, 10.9, cpu=0.2, demand=False)  # a guess in the gap: idle time, not busy time
+        costs = clock.costs(now=11.0)
+        assert abs(costs.slack - 0.2 * 0.6) < 1e-9 and abs(costs.fetch - 0.2) < 1e-9
+        assert costs.yielding and abs(costs.cpu - cpu) < 1e-9 and abs(costs.chunk - 0.05) < 1e-9
+        # A sure guess saves the part read ahead (slack / fetch of its miss) and costs no more than that.
+        assert abs(gain_of(1.0, costs) - 0.2 * (0.12 / 0.2)) < 1e-9
+        # A coin toss pays only where its wasted half (CPU of the part read, one chunk) costs less.
+        expected = 0.5 * 0.2 * 0.6 - 1.25 * 0.5 * (cpu * 0.6 + 0.05)
+        assert abs(gain_of(0.5, costs) - expected) < 1e-9
 
 
 def test_no_prediction_is_made_where_not_even_a_sure_guess_pays():

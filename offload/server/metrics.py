@@ -96,6 +96,9 @@ class Metrics:
                 [({}, experts.prefetch_issued)])
         _family(out, "offload_prefetch_used_total", "counter", "Prefetched experts that were then used.",
                 [({}, experts.prefetch_used)])
+        _family(out, "offload_prefetch_cancelled_total", "counter",
+                "Prefetches stopped before their read ended: wrong guesses that yielded to demand reads.",
+                [({}, experts.prefetch_cancelled)])
         return "\n".join(out) + "\n"
 
 
