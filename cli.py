@@ -266,7 +266,8 @@ def quantize(model, bits, group_size, out):
               help="Comma-separated I/O pool sizes to run case c with (auto: the engine's own).")
 @click.option("--drop-page-cache", default="auto", show_default=True,
               help="Comma-separated page-cache settings to run case c with: auto (as offload.load decides), "
-                   "on (reads drop their pages), off (the page cache keeps them).")
+                   "on (reads keep out of it: O_DIRECT where the file system allows it), fadvise (buffered "
+                   "reads, their pages dropped after), off (the page cache keeps them).")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
               help="Run the whole sequence this many times; figures are medians over rounds (for busy machines).")
 @click.option("--threads", default=None, type=click.IntRange(1),

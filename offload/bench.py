@@ -63,7 +63,9 @@ class Case:
     format: str = ""  # the experts' format, as the table names it
     # Offloaded-engine settings the API does not expose, forced in the child only (None: the API's choice):
     io_threads: int | None = None  # OffloadedExperts' I/O pool
-    drop_page_cache: bool | None = None  # fadvise(DONTNEED) after each expert read
+    # Expert reads keep out of the page cache (True: with O_DIRECT where the file system allows it;
+    # "fadvise": buffered, their pages dropped after each read) or not (False)
+    drop_page_cache: bool | str | None = None
     readahead: bool | None = None  # False: fadvise(RANDOM) on the expert reader's files (no readahead)
     # `--against llama.cpp`: the case run by llama.cpp on `model`, a GGUF file (offload/llamacpp_child.py)
     engine: str = "offload"  # or "llama.cpp"
@@ -93,6 +95,7 @@ class CaseResult:
     on_cpu_share: float = 0.0  # summed CPU time of all threads / wall time (2.0 = two cores busy)
     io_threads: int = 0  # the offloaded engine's I/O pool as it ran (0: resident)
     drop_page_cache: bool = False  # whether expert reads dropped their pages, as it ran
+    direct_io: bool = False  # ... by reading around the page cache (O_DIRECT)
     cpu_seconds_per_token: float = 0.0  # on-CPU time of all threads per new token (prefill included)
     major_faults_per_token: float = 0.0  # page faults that read a file (code paged back in), per new token
     engine: str = "offload"  # who ran it: this runtime, or llama.cpp (`--against llama.cpp`)
@@ -118,7 +121,7 @@ def make_synthetic_mixtral(path: Path, layers: int = 12, hidden: int = 1024, int
 
 # ---- one case, in a child process --------------------------------------------
 
-def _force_engine(io_threads: int | None, drop_page_cache: bool | None) -> None:
+def _force_engine(io_threads: int | None, drop_page_cache: bool | str | None) -> None:
     """In the bench child only: build the offloaded engine with these settings instead of the API's."""
     if io_threads is None and drop_page_cache is None:
         return
@@ -130,7 +133,8 @@ def _force_engine(io_threads: int | None, drop_page_cache: bool | None) -> None:
             if io_threads is not None:
                 kwargs["io_threads"] = io_threads
             if drop_page_cache is not None:
-                kwargs["drop_page_cache"] = drop_page_cache
+                kwargs["drop_page_cache"] = bool(drop_page_cache)
+                kwargs["direct_io"] = drop_page_cache is True
             super().__init__(*args, **kwargs)
 
     api.OffloadedExperts = Forced
@@ -195,6 +199,7 @@ def run_case(model: str, case: Case, prompt_tokens: int, new_tokens: int, repeat
         cpu_seconds_per_token=per_token("on_cpu_seconds"), major_faults_per_token=per_token("major_faults"),
         io_threads=engine.io._max_workers if engine else 0,
         drop_page_cache=bool(engine and engine.reader.drop_cache),
+        direct_io=bool(engine and set(engine.reader.direct) - engine.reader.refused),
     )
     llm.close()
     return result
@@ -340,10 +345,16 @@ def parse_switch(text, option: str) -> tuple[bool | None, ...]:
     return tuple(SWITCH[p] for p in parts)
 
 
-def parse_page_cache(text) -> tuple[bool | None, ...]:
-    """Whether case c's reads drop their pages (on), keep them (off), or as offload.load decides
-    (auto: dropped when the checkpoint does not fit in the memory available)."""
-    return parse_switch(text, "--drop-page-cache")
+def parse_page_cache(text) -> tuple[bool | str | None, ...]:
+    """Whether case c's reads keep out of the page cache (on: O_DIRECT where the file system allows it;
+    fadvise: buffered, their pages dropped after each read), keep their pages (off), or as offload.load
+    decides (auto: out of it when the checkpoint does not fit in the memory available)."""
+    from .errors import OffloadError
+
+    parts = [p.lower() for p in parse_list(text) or ("auto",)]
+    if any(p not in SWITCH and p != "fadvise" for p in parts):
+        raise OffloadError(f"--drop-page-cache {text!r}: use auto, on, fadvise or off, comma-separated")
+    return tuple(SWITCH.get(p, p) for p in parts)
 
 
 def parse_readahead(text) -> tuple[bool | None, ...]:
@@ -431,7 +442,7 @@ def default_cases(model: str, device: str, predictors=("none", "gate"), experts:
             for io, drop, ahead in itertools.product(io_threads, page_cache, readahead):
                 name = f"c: RAM 1/4, disk (cgroup), {predictor}"
                 name += f", io {io}" if io is not None else ""
-                name += {None: "", True: ", drop on", False: ", drop off"}[drop]
+                name += {None: "", True: ", drop on", False: ", drop off", "fadvise": ", drop fadvise"}[drop]
                 name += {None: "", True: ", readahead on", False: ", readahead off"}[ahead]
                 # cold: the checkpoint is dropped from the page cache, and the cgroup keeps it out
                 out.append(Case(name, dict(budgets["c"], predictor=predictor, **with_format),
@@ -690,6 +701,12 @@ def report_bounds(results: list[CaseResult], warm_bw: float, cold_bw: float | No
                     "resident run or a noisy probe (a busy machine) puts it too low"))
 
 
+def _drop_column(r: CaseResult) -> str:
+    if not r.io_threads:
+        return "-"
+    return "dio" if r.direct_io else "on" if r.drop_page_cache else "off"
+
+
 def read_over_counted(r: CaseResult) -> float | None:
     """Bytes the process read from storage per expert byte the engine counted (None: none counted)."""
     return r.process_read_bytes_per_token / r.bytes_from_disk_per_token if r.bytes_from_disk_per_token else None
@@ -711,13 +728,14 @@ def report(results: list[CaseResult], echo=print) -> None:
              f"{r.process_read_bytes_per_token / 1e6:11.1f} {show(read_over_counted(r)):>9} "
              f"{r.runqueue_wait_share:9.0%} {r.on_cpu_share:6.0%} {r.cpu_seconds_per_token * 1e3:10.1f} "
              f"{r.io_threads or '-':>3} "
-             f"{('on' if r.drop_page_cache else 'off') if r.io_threads else '-':>4} "
+             f"{_drop_column(r):>4} "
              f"{fmt_bytes(r.peak_rss):>10} {fmt_bytes(r.peak_rss - r.baseline_rss):>10}")
     echo(f"(x a: over the same format's resident run; x {reference}: over the {reference} run of the same case. "
          "MB disk/tok: expert bytes the engine counted as read; MB read/tok: what the process read from storage "
          "(/proc/self/io read_bytes, readahead included). runq wait: time all threads waited for a core, on-CPU: "
          "time they ran, both summed over threads over wall time; CPU ms/tok: that CPU time per new token (prefill "
-         "included). io: the I/O pool; drop: expert reads drop their pages from the page cache. RSS added: peak RSS "
+         "included). io: the I/O pool; drop: expert reads keep out of the page cache (dio: with O_DIRECT, on: their "
+         "pages dropped after each read). RSS added: peak RSS "
          "less the baseline, what loading and running added over the bare interpreter with torch.)")
     base = {r.format: r.tokens_per_second for r in results if r.name == "a: resident"}
     for r in results:

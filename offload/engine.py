@@ -55,7 +55,8 @@ Decide = Callable[[list], dict[int, str]]
 class OffloadedExperts:
     def __init__(self, checkpoint, placement: Placement, device: torch.device, fmt: ExpertFormat,
                  policy: str, split: str, stats: ExpertStats, io_threads: int = IO_THREADS,
-                 prefetch: Prefetcher | None = None, decide: Decide | None = None, drop_page_cache: bool = False):
+                 prefetch: Prefetcher | None = None, decide: Decide | None = None, drop_page_cache: bool = False,
+                 direct_io: bool = True):
         cfg = checkpoint.config
         self.layers = cfg.moe_layers
         self.pos = {layer: i for i, layer in enumerate(self.layers)}  # decoder index -> MoE position
@@ -90,7 +91,9 @@ class OffloadedExperts:
         self.num_experts = cfg.num_experts
         self.grouped = grouped_kernel(fmt, device, expert_kernel(fmt, device, act, glu), act, glu)
         self.cpu_kernel = expert_kernel(fmt, torch.device("cpu"), act, glu)  # CPU experts beside a GPU
-        self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files(), drop_cache=drop_page_cache)
+        # Reads that keep out of the page cache go around it (O_DIRECT) where the file system allows.
+        self.reader = ExpertReader(checkpoint.expert_extents, checkpoint.shard_files(), drop_cache=drop_page_cache,
+                                   direct=direct_io)
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="offload-io")
         # The compute-side tier: GPU slots, or on a CPU the RAM cache itself.
         self.pool = SlotPool(placement.device_slots, fmt, device)

@@ -2,6 +2,7 @@
 budgets, the case plan and its ratios, the engine settings forced in a child, and the kernels'
 faster int4 dequantization (same bits as offload/quant.py's)."""
 
+from dataclasses import replace
 import os
 import threading
 from types import SimpleNamespace
@@ -86,7 +87,7 @@ def test_option_lists():
     assert bench.parse_cases("A,c") == ("a", "c")
     assert bench.parse_io_threads("1,2,4") == (1, 2, 4)
     assert bench.parse_io_threads("auto") == bench.parse_io_threads("") == (None,)
-    assert bench.parse_page_cache("auto,off,on") == (None, False, True)
+    assert bench.parse_page_cache("auto,off,on,fadvise") == (None, False, True, "fadvise")
     assert bench.parse_readahead("") == (None,) and bench.parse_readahead("on,off") == (True, False)
     for parse, bad in ((bench.parse_cases, "a,d"), (bench.parse_cases, ""), (bench.parse_io_threads, "0"),
                        (bench.parse_io_threads, "two"), (bench.parse_page_cache, "maybe"),
@@ -214,6 +215,8 @@ def test_forced_engine_settings_and_the_figures_of_a_case(monkeypatch):
                 drop_page_cache=True, readahead=False, format="fp32")
     result = bench.run_case(DEMO, case, prompt_tokens=4, new_tokens=2, repeats=1)
     assert (result.io_threads, result.drop_page_cache, result.format) == (1, True, "fp32")
+    fadvise = bench.run_case(DEMO, replace(case, drop_page_cache="fadvise"), prompt_tokens=4, new_tokens=2, repeats=1)
+    assert fadvise.drop_page_cache and not fadvise.direct_io  # buffered reads, pages dropped
     assert result.cpu_seconds_per_token > 0 and result.major_faults_per_token >= 0
     assert result.bytes_from_disk_per_token > 0 and result.process_read_bytes_per_token >= 0
     assert result.runqueue_wait_share >= 0 and result.on_cpu_share >= 0

@@ -64,3 +64,58 @@ def test_read_bandwidth_reads_up_to_the_limit_on_several_threads(tmp_path, monke
         monkeypatch.setattr(store.os, "preadv", lambda fd, bufs, off: reads.append(real(fd, bufs, off)) or reads[-1])
         assert store.read_bandwidth(files, limit=limit, chunk=1024, threads=threads) > 0
         assert sum(reads) == expect  # every byte once, never past the limit
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_direct_reads_give_the_same_bytes_for_every_layout_and_as_a_yielding_guess(model_dir, monkeypatch, fused,
+                                                                                   dtype):
+    """O_DIRECT reads (pages around the extent into an aligned scratch, copied out) at the
+    checkpoint's unaligned offsets, whole or in chunks as a guess reads: the checkpoint's bytes."""
+    from offload.cache import store
+    from offload.cache.priority import ReadGate
+
+    path = model_dir("mixtral", fused=fused)
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    reader = ExpertReader(ckpt.expert_extents, ckpt.shard_files(), drop_cache=True, direct=True)
+    if not reader.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    monkeypatch.setattr(store, "CHUNK", 8192)  # several chunks per extent
+    pool = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, dtype), torch.device("cpu"))
+    for layer, expert in [(0, 0), (1, 3)]:
+        gate_up, down = expected(path, ("w1", "w3", "w2"), layer, expert, fused)
+        for ticket in (None, ReadGate().ticket()):
+            pool.data.fill_(0)
+            reader.read(layer, expert, pool.targets(0), ticket)
+            assert torch.equal(pool[0][0], gate_up.to(dtype)) and torch.equal(pool[0][1], down.to(dtype))
+    assert not reader.refused
+    reader.close()
+
+
+def test_a_file_system_that_refuses_direct_reads_gets_buffered_ones(model_dir, monkeypatch):
+    import errno
+
+    from offload.cache import store
+
+    path = model_dir("mixtral")
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    reader = ExpertReader(ckpt.expert_extents, ckpt.shard_files(), drop_cache=True, direct=True)
+    if not reader.direct:
+        pytest.skip("this file system refuses O_DIRECT")
+    real, direct_fds = os.preadv, set(reader.direct.values())
+
+    def einval(fd, bufs, offset):
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(store.os, "preadv", einval)
+    pool = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, torch.float32),
+                    torch.device("cpu"))
+    reader.read(0, 1, pool.targets(0))
+    gate_up, down = expected(path, ("w1", "w3", "w2"), 0, 1, False)
+    assert torch.equal(pool[0][0], gate_up) and torch.equal(pool[0][1], down)
+    assert reader.refused == set(reader.direct)  # from now on buffered, pages dropped after each read
+    reader.close()
