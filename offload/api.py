@@ -28,6 +28,7 @@ from .predictors.affinity import AffinityPredictor
 from .predictors.gate import GatePredictor
 from .predictors.learned import FILENAME as PREDICTOR_FILE
 from .predictors.learned import LearnedPredictor
+from . import prefetch
 from .prefetch import Costs, Prefetcher
 from .sampling import SamplingParams
 from .sources import model_directory, stderr
@@ -240,7 +241,8 @@ class Runtime:
         # On a CPU, by expected gain with the costs measured as the run goes (engine.py, prefetch.LinkClock):
         # the scores clipped to [0, 1] as probabilities, which the prefetcher's window rescales by what
         # comes true. A disk-bound run, or one whose threads take every core, then stops guessing.
-        return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k, calibration=_clipped, costs=Costs(0.0, 0.0))
+        return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k, calibration=_clipped, costs=Costs(0.0, 0.0),
+                          timed=prefetch.TIMED)
 
     def _load_profile(self, profile):
         if profile is None:

@@ -122,6 +122,7 @@ def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 
           accelerate: bool = True, tiny: bool = False, echo=print, experts: tuple = ()) -> list[Row]:
     """`experts`: quantized formats ("int8", "int4", ...) to run resident and, for the Mixtral shape, with
     a quarter of the experts on the GPU too (quantized once on this machine's CPU: minutes)."""
+    from . import triton_moe
     from .grouped import grouped_mm_runs
     from .profile import h2d_bandwidth, measure, save_profile
     from .synthetic import make_synthetic, shape_config
@@ -129,7 +130,9 @@ def check(workdir: Path, device: str = "cuda", shapes=tuple(SHAPES), new: int = 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     echo(f"device {name}; torch {torch.__version__}; grouped_mm in bf16: "
-         f"{'yes' if grouped_mm_runs(dev, torch.bfloat16) else 'no (per-expert loop)'}")
+         f"{'yes' if grouped_mm_runs(dev, torch.bfloat16) else 'no (per-expert loop)'}"
+         + (f"; Triton int8/int4 kernels: {'yes' if triton_moe.available(dev, torch.bfloat16) else 'no (dequantized)'}"
+            if experts and dev.type == "cuda" else ""))
     hbm, link = copy_bandwidth(dev), (h2d_bandwidth(dev, 1 << 30) if dev.type == "cuda" else 0.0)
     echo(f"copy bandwidth {hbm / 1e9:.0f} GB/s (read + write); pinned host -> device {link / 1e9:.1f} GB/s")
     rows: list[Row] = []

@@ -46,11 +46,19 @@ Two rules decide which of them go:
   predictor that has drifted from its training split fetches less, down to
   nothing but free fetches.
 
+  The prediction costs time too (the routing predictor's features and online
+  counts: about 0.3 ms per layer step on a 2-core CPU). With `timed` (a live
+  run), each call's own seconds and the gain it expected from the guesses it
+  kept are averaged; where the guesses do not pay MARGIN times what predicting
+  costs, the predictor runs only every PROBE_EVERY-th step, to notice when
+  they would again.
+
 Pure bookkeeping: the engine (or the simulator) moves the bytes.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -78,6 +86,12 @@ class Costs:
 
 
 MARGIN = 1.25  # costs are weighed up by this much: a fetch must save clearly more than it costs
+PROBE_EVERY = 16  # a predictor that does not pay for itself still runs every this many layer steps
+SMOOTHING = 0.1  # of the averages of a call's seconds and expected gain
+# Whether a live CPU run weighs the prediction's own time (offload.load reads it). The tests turn it off:
+# their tiny experts read in microseconds, so predicting would never pay, and their prefetch counts would
+# depend on the machine's speed; tests/test_routing_prefetch.py checks the rule with a fake clock.
+TIMED = True
 
 
 def gain(p: float, fetch: float, miss: float, slack: float, victim: float = 0.0, cpu: float = 0.0,
@@ -101,8 +115,11 @@ def gain_of(p: float, costs: Costs, slack: float | None = None) -> float:
 
 class Prefetcher:
     def __init__(self, predictor: Predictor, top_k: int, limit: int, threshold: float = 0.5,
-                 window: int = 64, min_samples: int = 16, calibration=None, costs: Costs | None = None):
+                 window: int = 64, min_samples: int = 16, calibration=None, costs: Costs | None = None,
+                 timed: bool = False):
         self.predictor, self.top_k, self.limit = predictor, top_k, limit
+        # `timed`: weigh the guesses' expected gain against the prediction's own measured seconds
+        self.timed, self.steps, self.spent, self.expected, self.pays = timed, 0, 0.0, 0.0, True
         self.threshold, self.min_samples = threshold, min_samples
         self.window_size = window
         self.calibration, self.costs = calibration, costs
@@ -124,6 +141,11 @@ class Prefetcher:
             # fetch timed yet): skip the predictor altogether, its scores and its online learning both
             # cost time (the routing predictor: about 0.6 ms per layer step, 13% of a fast CPU decode).
             return {}
+        start, expected = time.perf_counter(), 0.0  # the call's seconds, and the gain its guesses expect
+        if self.timed:
+            self.steps += 1
+            if not self.pays and self.steps % PROBE_EVERY:
+                return {}  # predicting costs more than its guesses are expected to save
         scores = self.predictor.scores(pos, hidden if self.predictor.needs_hidden else None, tokens, chosen)
         self.predictor.observe(pos, tokens, chosen)
         out = {}
@@ -134,11 +156,17 @@ class Prefetcher:
                 self.given[target] = p
                 keep, slack = [], c.slack
                 for e in ranked:
-                    if gain_of(p[e], c, slack) > 0:
+                    g = gain_of(p[e], c, slack)
+                    if g > 0:
                         keep.append(e)
                         slack -= c.fetch
+                        expected += g
                 ranked = keep
             out[target] = ranked
+        if self.timed:
+            self.spent += SMOOTHING * ((time.perf_counter() - start) - self.spent)
+            self.expected += SMOOTHING * (expected - self.expected)
+            self.pays = self.expected > MARGIN * self.spent
         return out
 
     def probabilities(self, target: int, scores: np.ndarray) -> np.ndarray:

@@ -317,3 +317,42 @@ def test_no_prediction_is_made_where_not_even_a_sure_guess_pays():
     prefetcher.costs = Costs(fetch=0.01, miss=0.01, slack=0.05)  # idle link: a likely guess pays
     assert prefetcher.plan(0, None, None, np.array([[0, 1]])) == {1: [0, 1]}
     assert predictor.scored == 1
+
+
+def test_a_predictor_that_costs_more_than_its_guesses_save_runs_only_to_probe(monkeypatch):
+    """Timed (a live run): each call's seconds against the gain its kept guesses expect. A slow
+    predictor with small gains runs every PROBE_EVERY-th step only; a fast one every step."""
+    import numpy as np
+
+    import offload.prefetch as prefetch
+    from offload.prefetch import PROBE_EVERY, Costs, Prefetcher
+
+    clock = [0.0]
+    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
+
+    class Slow:
+        needs_hidden = False
+
+        def __init__(self, seconds):
+            self.seconds, self.scored = seconds, 0
+
+        def scores(self, pos, hidden, tokens, chosen):
+            self.scored += 1
+            clock[0] += self.seconds  # the call's own time, on the fake clock
+            return {pos + 1: np.full((1, 4), 0.9)}
+
+        def observe(self, pos, tokens, chosen):
+            pass
+
+    costs = Costs(fetch=0.01, miss=0.01, slack=0.05)  # a sure guess saves 10 ms; these ones about 9 ms each
+    for seconds, runs in ((0.050, 1 + 64 // PROBE_EVERY), (0.001, 65)):
+        predictor = Slow(seconds)
+        prefetcher = Prefetcher(predictor, top_k=2, limit=2, calibration=lambda s: s, costs=costs, timed=True)
+        for _ in range(65):
+            prefetcher.plan(0, None, None, np.array([[0, 1]]))
+        assert predictor.scored == runs
+    untimed = Slow(0.050)
+    prefetcher = Prefetcher(untimed, top_k=2, limit=2, calibration=lambda s: s, costs=costs)
+    for _ in range(10):
+        prefetcher.plan(0, None, None, np.array([[0, 1]]))
+    assert untimed.scored == 10
