@@ -70,8 +70,9 @@ def test_read_bandwidth_reads_up_to_the_limit_on_several_threads(tmp_path, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direct_reads_give_the_same_bytes_for_every_layout_and_as_a_yielding_guess(model_dir, monkeypatch, fused,
                                                                                    dtype):
-    """O_DIRECT reads (pages around the extent into an aligned scratch, copied out) at the
-    checkpoint's unaligned offsets, whole or in chunks as a guess reads: the checkpoint's bytes."""
+    """O_DIRECT reads (pages around the extent into an aligned scratch, a window at a time, copied
+    out) at the checkpoint's unaligned offsets, as a demand read or in chunks as a guess: the
+    checkpoint's bytes."""
     from offload.cache import store
     from offload.cache.priority import ReadGate
 
@@ -82,6 +83,7 @@ def test_direct_reads_give_the_same_bytes_for_every_layout_and_as_a_yielding_gue
     if not reader.direct:
         pytest.skip("this file system refuses O_DIRECT")
     monkeypatch.setattr(store, "CHUNK", 8192)  # several chunks per extent
+    monkeypatch.setattr(store, "DIRECT_WINDOW", 16384)  # and several windows per demand read
     pool = SlotPool(1, ExpertFormat("dense", cfg.hidden_size, cfg.moe_intermediate_size, dtype), torch.device("cpu"))
     for layer, expert in [(0, 0), (1, 3)]:
         gate_up, down = expected(path, ("w1", "w3", "w2"), layer, expert, fused)
