@@ -241,8 +241,9 @@ class Runtime:
         # On a CPU, by expected gain with the costs measured as the run goes (engine.py, prefetch.LinkClock):
         # the scores clipped to [0, 1] as probabilities, which the prefetcher's window rescales by what
         # comes true. A disk-bound run, or one whose threads take every core, then stops guessing.
+        # Timed, the prediction's own cost counts, and a Trial keeps prefetching only while measured faster.
         return Prefetcher(predictor, cfg.top_k, limit=cfg.top_k, calibration=_clipped, costs=Costs(0.0, 0.0),
-                          timed=prefetch.TIMED)
+                          timed=prefetch.TIMED, trial=prefetch.Trial() if prefetch.TIMED else None)
 
     def _load_profile(self, profile):
         if profile is None:

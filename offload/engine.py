@@ -130,6 +130,9 @@ class OffloadedExperts:
     def begin_step(self, input_ids: torch.Tensor) -> None:
         """Called by the model before each forward: the token ids the predictors may use."""
         self.tokens = input_ids.reshape(-1).cpu().numpy()
+        trial = self.prefetch.trial if self.prefetch is not None else None
+        if trial is not None:  # prefetching measured against none, step by step
+            trial.step(time.perf_counter()) if input_ids.shape[-1] == 1 else trial.interrupt()
         if self.recording:
             self._timeline_step(input_ids)
 

@@ -53,6 +53,11 @@ Two rules decide which of them go:
   costs, the predictor runs only every PROBE_EVERY-th step, to notice when
   they would again.
 
+  Last, what no model of the costs captures (the disk's own behaviour, the
+  cores the guesses' copies take, a wrong calibration) is settled by measuring:
+  a `Trial` runs decode steps with and without prefetching, in alternating
+  blocks, and keeps prefetching only while its median step is the faster one.
+
 Pure bookkeeping: the engine (or the simulator) moves the bytes.
 """
 
@@ -113,11 +118,57 @@ def gain_of(p: float, costs: Costs, slack: float | None = None) -> float:
     return gain(p, c.fetch, c.miss, c.slack if slack is None else slack, c.victim, c.cpu, c.chunk, c.yielding)
 
 
+class Trial:
+    """Prefetching measured against not prefetching, in the same run, on decode steps: blocks of
+    `block` steps alternate between the two until each has `samples` step times; from then on the
+    faster (by median) runs, prefetching only if it was faster by `edge`, with one block of the
+    other every `every` steps, so that the choice follows the run. Pure bookkeeping: the engine
+    calls `step(now)` at the start of every decode step and `interrupt()` at anything else (a
+    prefill), whose time is not a decode step's; `on` says whether this step prefetches."""
+
+    def __init__(self, block: int = 8, samples: int = 24, every: int = 64, edge: float = 0.01):
+        self.block, self.samples, self.every, self.edge = block, samples, every, edge
+        # The latest `samples` step times of each mode: this disk's speed drifts within a run.
+        self.times = {True: deque(maxlen=samples), False: deque(maxlen=samples)}
+        self.on, self.left = True, block  # this step's mode; steps left in the current block
+        self.start: float | None = None  # when the current decode step began
+        self.chosen = 0  # steps run in the chosen mode since the other one's last block
+
+    def step(self, now: float) -> None:
+        if self.start is not None:
+            self.times[self.on].append(now - self.start)
+        self.start = now
+        if self.left == 0:  # a block has run: this step begins the next one
+            self.left = self.block
+            self._next_block()
+        self.left -= 1
+
+    def _next_block(self) -> None:
+        if min(len(t) for t in self.times.values()) < self.samples:
+            self.on = not self.on  # exploring: a block of the other mode
+            return
+        best = self.faster()
+        if self.on != best:  # a block of the other mode has run (or the choice changed): the best again
+            self.on = best
+            return
+        self.chosen += self.block
+        if self.chosen >= self.every:  # time for a block of the other mode
+            self.chosen, self.on = 0, not best
+
+    def faster(self) -> bool:
+        """Whether prefetching's median decode step beats not prefetching's by `edge`."""
+        return float(np.median(self.times[True])) < (1.0 - self.edge) * float(np.median(self.times[False]))
+
+    def interrupt(self) -> None:
+        self.start = None
+
+
 class Prefetcher:
     def __init__(self, predictor: Predictor, top_k: int, limit: int, threshold: float = 0.5,
                  window: int = 64, min_samples: int = 16, calibration=None, costs: Costs | None = None,
-                 timed: bool = False):
+                 timed: bool = False, trial: Trial | None = None):
         self.predictor, self.top_k, self.limit = predictor, top_k, limit
+        self.trial = trial  # measured on/off (a live run): while off, nothing is predicted or fetched
         # `timed`: weigh the guesses' expected gain against the prediction's own measured seconds
         self.timed, self.steps, self.spent, self.expected, self.pays = timed, 0, 0.0, 0.0, True
         self.threshold, self.min_samples = threshold, min_samples
@@ -140,6 +191,8 @@ class Prefetcher:
             # Not even a sure guess would pay (an I/O-bound run, a CPU with no core to spare, or no
             # fetch timed yet): skip the predictor altogether, its scores and its online learning both
             # cost time (the routing predictor: about 0.6 ms per layer step, 13% of a fast CPU decode).
+            return {}
+        if self.trial is not None and not self.trial.on:
             return {}
         start, expected = time.perf_counter(), 0.0  # the call's seconds, and the gain its guesses expect
         if self.timed:

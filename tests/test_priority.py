@@ -199,3 +199,20 @@ def test_right_guesses_are_promoted_and_the_outputs_stay_exact(model_dir, slow_d
     assert llm.generate(PROMPT, max_new_tokens=12).token_ids == expected
     assert promoted and llm.stats.prefetch_used > 0
     llm.close()
+
+
+def test_a_live_run_measures_prefetching_against_none_and_stays_exact(model_dir, monkeypatch):
+    """offload.load on a CPU (prediction timed, as outside the tests): decode steps alternate between
+    prefetching and not, both timed; the tokens are the resident run's either way."""
+    import offload.prefetch
+
+    monkeypatch.setattr(offload.prefetch, "TIMED", True)
+    path = model_dir("mixtral", num_hidden_layers=4, num_local_experts=8)
+    resident = offload.load(path, device="cpu")
+    expected = resident.generate(PROMPT, max_new_tokens=60).token_ids
+    llm = offload.load(path, device="cpu", cpu_memory=16 * resident.placement.expert_bytes, predictor="routing")
+    trial = llm.experts.prefetch.trial
+    assert trial is not None and llm.experts.prefetch.timed
+    assert llm.generate(PROMPT, max_new_tokens=60).token_ids == expected
+    assert len(trial.times[True]) >= 16 and len(trial.times[False]) >= 16
+    llm.close()

@@ -356,3 +356,23 @@ def test_a_predictor_that_costs_more_than_its_guesses_save_runs_only_to_probe(mo
     for _ in range(10):
         prefetcher.plan(0, None, None, np.array([[0, 1]]))
     assert untimed.scored == 10
+
+
+@pytest.mark.parametrize("on, off, keeps", [(0.9, 1.0, True), (1.0, 0.9, False), (1.0, 1.0, False)])
+def test_a_trial_keeps_prefetching_only_while_it_measures_faster(on, off, keeps):
+    """Blocks of 8 decode steps alternate until each mode has 24 step times; then the faster one runs
+    (prefetching only if 1% faster), with one block of the other every 64 steps; prefill interrupts."""
+    from offload.prefetch import Trial
+
+    trial, now, modes = Trial(), 0.0, []
+    for i in range(400):
+        if i == 100:  # a prefill between two generations: its time is no decode step's
+            trial.interrupt()
+            now += 50.0
+        trial.step(now)
+        modes.append(trial.on)
+        now += on if trial.on else off
+    assert modes[:48] == ([True] * 8 + [False] * 8) * 3  # exploring
+    later = modes[100:]
+    assert later.count(keeps) > 0.8 * len(later) and later.count(not keeps) > 0  # chosen, still checked
+    assert max(trial.times[True]) < 2 and max(trial.times[False]) < 2  # the prefill's 50 s never counted
