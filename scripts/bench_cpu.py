@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--experts", default=None, help="comma-separated expert formats, e.g. bf16,int8,int4")
     parser.add_argument("--cases", default="a,b,c", help="which cases to run")
     parser.add_argument("--io-threads", default="auto", help="I/O pool sizes for case c, e.g. 1,2,4")
-    parser.add_argument("--drop-page-cache", default="auto", help="case c page-cache settings: auto, on, off")
+    parser.add_argument("--drop-page-cache", default="auto", help="case c page-cache settings: auto, on, fadvise, off")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence; medians over rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads in every case")
     parser.add_argument("--readahead", default="auto", help="case c readahead settings: auto, on, off (experiment)")
