@@ -185,11 +185,12 @@ class ExpertReader:
 
     With `drop_cache`, reads keep out of the kernel's page cache: when it cannot hold the experts
     anyway, it only duplicates the slots and evicts them. `direct` (where the file system allows
-    it) reads with O_DIRECT, the disk writing into an aligned scratch buffer copied into the slot;
+    it) reads with O_DIRECT, the disk writing into an aligned 4 MiB scratch copied into the slot;
     otherwise the pages just read are dropped (fadvise DONTNEED). Measured on this machine's disk
-    (synthetic Mixtral, case c, `offload bench --direct-io on,off`): direct reads took a third to
-    a half of the CPU time per token and decoded 8-13% faster, and read exactly the bytes asked
-    for (buffered ones 1.24x: readahead)."""
+    (synthetic Mixtral, case c, 2 threads, `offload bench --drop-page-cache on,fadvise`, both
+    orders): direct reads took about 40% of the CPU time per token, int4-g128 decoded 21-34%
+    faster (bf16 within the disk's drift), and bf16 read exactly the bytes asked for (buffered
+    reads 1.24x: readahead)."""
 
     def __init__(self, locate, files: list[Path], drop_cache: bool = False, direct: bool = False):
         self.locate = locate  # (layer, expert) -> tuple of Extents, in the format's target order
