@@ -269,7 +269,8 @@ def quantize(model, bits, group_size, out):
                    "on (reads keep out of it: O_DIRECT where the file system allows it), fadvise (buffered "
                    "reads, their pages dropped after), off (the page cache keeps them).")
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
-              help="Run the whole sequence this many times; figures are medians over rounds (for busy machines).")
+              help="Run the whole sequence this many times, every other time in reverse order; figures are "
+                   "medians over rounds (for busy machines, and disks whose speed drifts).")
 @click.option("--threads", default=None, type=click.IntRange(1),
               help="torch's CPU threads in every case (default: torch's, one per core).")
 @click.option("--readahead", default="auto", show_default=True,

@@ -589,7 +589,8 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
           threads: int | None = None, readahead=(None,), against: str | None = None) -> list[CaseResult]:
     """Run the cases for each expert format in `experts` (None: as stored; e.g. ("bf16", "int8",
     "int4")), formats interleaved; the first format is the reference of the second ratio. With
-    `rounds` > 1 the whole sequence runs that many times and each figure is the median over rounds.
+    `rounds` > 1 the whole sequence runs that many times, every other time in reverse order, and
+    each figure is the median over rounds.
     `against="llama.cpp"`: llama.cpp runs each case too, right after ours (see `llama_cases`)."""
     against = parse_against(against)
     if against:
@@ -634,7 +635,13 @@ def bench(model: str, device: str = "cpu", prompt_tokens: int = 32, new_tokens: 
     order = interleave(planned)
     per_case: list[list[CaseResult]] = [[] for _ in order]
     for round_ in range(rounds):
-        for case, done in zip(order, per_case):
+        sequence = list(zip(order, per_case))
+        if round_ % 2 and not against:
+            # Every other round runs the cases in reverse (ABBA): on a disk that slows down as a session
+            # reads (this machine's did, 2.2 to 0.7 GB/s), a fixed order favours the cases that run first.
+            # llama.cpp's cases keep their place right after ours.
+            sequence.reverse()
+        for case, done in sequence:
             files = [case.model] if case.engine != "offload" else infos[case.format]["files"]
             if case.cold:
                 drop_from_page_cache(files)

@@ -269,3 +269,19 @@ def test_dequant_threshold_per_format_or_one_for_all(monkeypatch):
     assert kernels.dequant_tokens("mxfp4") == 0  # no weight-only kernel: always dequantized
     monkeypatch.setattr(kernels, "DEQUANT_TOKENS", 1)
     assert kernels.dequant_tokens("int8") == kernels.dequant_tokens("int4") == 1
+
+
+def test_rounds_alternate_the_order_of_the_cases(monkeypatch):
+    """Round 2 runs the cases in reverse: a disk that slows down as it reads favours no case."""
+    ran = []
+
+    def fake_child(model, case, *args):
+        ran.append(case.name.split(":")[0])
+        return _result(case.name, case.format, 1.0)
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    monkeypatch.setattr(bench, "read_bandwidth", lambda files, **kw: 1e9)
+    monkeypatch.setattr(bench, "drop_from_page_cache", lambda files: None)
+    results = bench.bench(DEMO, predictors=("none",), cases=("a", "b", "c"), rounds=3, echo=lambda *a: None)
+    assert ran == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert [r.name.split(":")[0] for r in results] == ["a", "b", "c"]  # merged per case, in the planned order
