@@ -46,6 +46,12 @@ class ReadGate:
             if self.demand == 0:
                 self.cond.notify_all()
 
+    def reset(self) -> None:
+        """No demand read runs (after a failed step has waited for all of them)."""
+        with self.cond:
+            self.demand = 0
+            self.cond.notify_all()
+
     def ticket(self) -> "Ticket":
         return Ticket(self)
 

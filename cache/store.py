@@ -315,6 +315,7 @@ class ExpertReader:
     def close(self) -> None:
         for fd in self.direct.values():
             os.close(fd)
+        self.direct.clear()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

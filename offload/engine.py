@@ -435,7 +435,12 @@ class OffloadedExperts:
             else:
                 if self.yielding:
                     self.gate.begin_demand()  # guesses wait from now on, not from when the read starts
-                future = self.io.submit(self._read, layer, expert, targets, None, self.events)
+                try:
+                    future = self.io.submit(self._read, layer, expert, targets, None, self.events)
+                except BaseException:
+                    if self.yielding:
+                        self.gate.end_demand()  # never submitted: it will not end it
+                    raise
             self.outstanding[future] = Claim(fetch.key, None, None)
             self.started.add(fetch.key)
             return future
@@ -477,6 +482,7 @@ class OffloadedExperts:
         self.outstanding.clear()
         self.prefetching.clear()
         self.tickets.clear()
+        self.gate.reset()  # every read has ended: a demand counted but never submitted (Ctrl-C) is gone
         # The copy events are dropped with the bookkeeping: make the compute stream wait for every copy
         # queued so far instead, so no expert that stays cached is read before it has landed.
         if self.gpu:

@@ -50,8 +50,9 @@ Two rules decide which of them go:
   counts: about 0.3 ms per layer step on a 2-core CPU). With `timed` (a live
   run), each call's own seconds and the gain it expected from the guesses it
   kept are averaged; where the guesses do not pay MARGIN times what predicting
-  costs, the predictor runs only every PROBE_EVERY-th step, to notice when
-  they would again.
+  costs, the predictor runs only on every PROBE_EVERY-th token, to notice when
+  they would again (its online state then lags: a probe predicts from older
+  routing, which errs on the side of staying off).
 
   Last, what no model of the costs captures (the disk's own behaviour, the
   cores the guesses' copies take, a wrong calibration) is settled by measuring:
@@ -92,7 +93,7 @@ class Costs:
 
 
 MARGIN = 1.25  # costs are weighed up by this much: a fetch must save clearly more than it costs
-PROBE_EVERY = 16  # a predictor that does not pay for itself still runs every this many layer steps
+PROBE_EVERY = 16  # a predictor that does not pay for itself still runs on every this many tokens
 SMOOTHING = 0.1  # of the averages of a call's seconds and expected gain
 # Whether a live CPU run weighs the prediction's own time (offload.load reads it). The tests turn it off:
 # their tiny experts read in microseconds, so predicting would never pay, and their prefetch counts would
@@ -170,8 +171,9 @@ class Prefetcher:
                  timed: bool = False, trial: Trial | None = None):
         self.predictor, self.top_k, self.limit = predictor, top_k, limit
         self.trial = trial  # measured on/off (a live run): while off, nothing is predicted or fetched
-        # `timed`: weigh the guesses' expected gain against the prediction's own measured seconds
-        self.timed, self.steps, self.spent, self.expected, self.pays = timed, 0, 0.0, 0.0, True
+        # `timed`: weigh the guesses' expected gain (by gain, with costs) against the prediction's own
+        # measured seconds; `tokens` counts decode tokens (steps at the first MoE layer) for the probes
+        self.timed, self.tokens, self.spent, self.expected, self.pays = timed, 0, 0.0, 0.0, True
         self.threshold, self.min_samples = threshold, min_samples
         self.window_size = window
         self.calibration, self.costs = calibration, costs
@@ -196,10 +198,13 @@ class Prefetcher:
         if self.trial is not None and not self.trial.on:
             return {}
         start, expected = time.perf_counter(), 0.0  # the call's seconds, and the gain its guesses expect
-        if self.timed:
-            self.steps += 1
-            if not self.pays and self.steps % PROBE_EVERY:
-                return {}  # predicting costs more than its guesses are expected to save
+        timed = self.timed and self.by_gain and self.costs is not None
+        if timed:
+            self.tokens += pos == 0
+            if not self.pays and self.tokens % PROBE_EVERY:
+                # Predicting costs more than its guesses are expected to save. Probes take a whole
+                # token (every layer), so that no layer is sampled more than another.
+                return {}
         scores = self.predictor.scores(pos, hidden if self.predictor.needs_hidden else None, tokens, chosen)
         self.predictor.observe(pos, tokens, chosen)
         out = {}
@@ -217,7 +222,7 @@ class Prefetcher:
                         expected += g
                 ranked = keep
             out[target] = ranked
-        if self.timed:
+        if timed:
             self.spent += SMOOTHING * ((time.perf_counter() - start) - self.spent)
             self.expected += SMOOTHING * (expected - self.expected)
             self.pays = self.expected > MARGIN * self.spent
@@ -295,7 +300,9 @@ class LinkClock:
         self.yielding, self.chunk_fraction = yielding, chunk_fraction
         # Appended by I/O threads, read by the main thread (deque appends and pops are thread-safe):
         self.reads: deque = deque(maxlen=keep)  # (seconds, CPU seconds) of the latest demand reads
-        self.busy: deque = deque()  # (start, end) of the reads that kept the link busy, not yet counted
+        # (start, end) of the reads that kept the link busy, not yet counted; bounded, as nothing drains
+        # it where `costs` is never called (no prefetch by gain)
+        self.busy: deque = deque(maxlen=keep * 8)
         self.slack = 0.0
         self.begin: float | None = None
 

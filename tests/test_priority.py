@@ -216,3 +216,28 @@ def test_a_live_run_measures_prefetching_against_none_and_stays_exact(model_dir,
     assert llm.generate(PROMPT, max_new_tokens=60).token_ids == expected
     assert len(trial.times[True]) >= 16 and len(trial.times[False]) >= 16
     llm.close()
+
+
+def test_a_failed_step_leaves_no_demand_read_counted(model_dir):
+    """A demand counted but never ended (Ctrl-C between counting and submitting, or a failed step)
+    would hold every later guess back for good: recovery clears the count."""
+    path = model_dir("mixtral", num_hidden_layers=4, num_local_experts=8)
+    resident = offload.load(path, device="cpu")
+    expected = resident.generate(PROMPT, max_new_tokens=8).token_ids
+    llm = offload.load(path, device="cpu", cpu_memory=16 * resident.placement.expert_bytes, predictor="gate")
+    engine = llm.experts
+    engine.gate.begin_demand()  # as if interrupted right after counting a demand read
+    real, calls = engine.reader.read, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("simulated I/O error")
+        return real(*args)
+
+    engine.reader.read = failing
+    with pytest.raises(offload.OffloadError, match="simulated I/O error"):
+        llm.generate(PROMPT, max_new_tokens=8)
+    assert engine.gate.demand == 0
+    assert llm.generate(PROMPT, max_new_tokens=8).token_ids == expected
+    llm.close()

@@ -376,3 +376,36 @@ def test_a_trial_keeps_prefetching_only_while_it_measures_faster(on, off, keeps)
     later = modes[100:]
     assert later.count(keeps) > 0.8 * len(later) and later.count(not keeps) > 0  # chosen, still checked
     assert max(trial.times[True]) < 2 and max(trial.times[False]) < 2  # the prefill's 50 s never counted
+
+
+def test_the_link_clock_keeps_a_bounded_record_where_nothing_asks_for_costs():
+    from offload.prefetch import LinkClock
+
+    clock = LinkClock(io_threads=2)
+    for i in range(10_000):  # a long run without prefetch by gain: costs() is never called
+        clock.span(float(i), i + 0.5)
+    assert len(clock.busy) <= 256 and len(clock.reads) <= 32
+
+
+def test_timing_applies_only_with_the_gain_rule_and_its_costs():
+    """Without costs there is no expected gain to weigh: a timed prefetcher predicts every step."""
+    import numpy as np
+
+    from offload.prefetch import Prefetcher
+
+    class Counting:
+        needs_hidden = False
+        scored = 0
+
+        def scores(self, pos, hidden, tokens, chosen):
+            self.scored += 1
+            return {pos + 1: np.full((1, 4), 0.9)}
+
+        def observe(self, pos, tokens, chosen):
+            pass
+
+    predictor = Counting()
+    prefetcher = Prefetcher(predictor, top_k=2, limit=2, timed=True)
+    for _ in range(40):
+        prefetcher.plan(0, None, None, np.array([[0, 1]]))
+    assert predictor.scored == 40
