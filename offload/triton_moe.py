@@ -43,6 +43,7 @@ import contextlib
 import functools
 import os
 import threading
+import types
 import warnings
 
 import torch
@@ -79,27 +80,31 @@ if tl is not None:
             return a + b
 
 
-    def _int4_kernel(x_ptr, q_ptr, sz_ptr, offs_ptr, y_ptr, G, N, K, stride_xm, stride_ym, stride_qg,
-                     stride_sg, GROUP: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-                     DOT: tl.constexpr, IEEE: tl.constexpr):
-        # x [M, K]; q [G, N/64, K, 32] bytes (row j of a block low, j + 32 high); sz [G, K/GROUP, N, 2]
-        t = tl.program_id(0)  # row tile, counted over all groups
-        block = tl.program_id(1)  # 64 output rows
-        # Which group this tile belongs to: a prefix sum of the groups' tile counts.
+    def _tile_rows(offs_ptr, G, t, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        # Row tile t, counted over all groups -> its group g (G: past the last tile, as the grid is an
+        # upper bound), its rows [BM] and which of them are the group's: a prefix sum of the groups'
+        # tile counts, from offs [G] (each group's end).
         gi = tl.arange(0, G_POW2)
         ends = tl.load(offs_ptr + gi, mask=gi < G, other=0)  # [G_POW2]
         starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0)
         tiles = tl.where(gi < G, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
         last = tl.associative_scan(tiles, 0, _sum_combine)  # one past each group's last tile
         g = tl.reduce((last <= t).to(tl.int32), 0, _sum_combine)
-        if g >= G:
-            return  # past the last tile: the grid is an upper bound
         here = gi == g
         tile0 = tl.reduce(tl.where(here, last - tiles, 0), 0, _sum_combine)  # the group's first tile
         start = tl.reduce(tl.where(here, starts, 0), 0, _sum_combine)
         end = tl.reduce(tl.where(here, ends, 0), 0, _sum_combine)
         rows = start + (t - tile0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        live = rows < end
+        return g, rows, rows < end
+
+    def _int4_kernel(x_ptr, q_ptr, sz_ptr, offs_ptr, y_ptr, G, N, K, stride_xm, stride_ym, stride_qg,
+                     stride_sg, GROUP: tl.constexpr, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT: tl.constexpr, IEEE: tl.constexpr):
+        # x [M, K]; q [G, N/64, K, 32] bytes (row j of a block low, j + 32 high); sz [G, K/GROUP, N, 2]
+        block = tl.program_id(1)  # 64 output rows
+        g, rows, live = _tile_rows(offs_ptr, G, tl.program_id(0), G_POW2, BLOCK_M)  # rows [BM]
+        if g >= G:
+            return  # past the last tile
 
         j = tl.arange(0, 32)
         n_lo = block * 64 + j  # [32]: the rows in the low nibbles; + 32 the high ones
@@ -137,22 +142,10 @@ if tl is not None:
                      stride_sg, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr):
         # x [M, K]; q [G, N, K] int8; s [G, N] bf16
-        t = tl.program_id(0)
         block = tl.program_id(1)
-        gi = tl.arange(0, G_POW2)  # the group, as in _int4_kernel
-        ends = tl.load(offs_ptr + gi, mask=gi < G, other=0)
-        starts = tl.load(offs_ptr + gi - 1, mask=(gi > 0) & (gi < G), other=0)
-        tiles = tl.where(gi < G, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
-        last = tl.associative_scan(tiles, 0, _sum_combine)
-        g = tl.reduce((last <= t).to(tl.int32), 0, _sum_combine)
+        g, rows, live = _tile_rows(offs_ptr, G, tl.program_id(0), G_POW2, BLOCK_M)  # rows [BM]
         if g >= G:
             return
-        here = gi == g
-        tile0 = tl.reduce(tl.where(here, last - tiles, 0), 0, _sum_combine)  # the group's first tile
-        start = tl.reduce(tl.where(here, starts, 0), 0, _sum_combine)
-        end = tl.reduce(tl.where(here, ends, 0), 0, _sum_combine)
-        rows = start + (t - tile0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        live = rows < end
 
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
         n_ok = n < N
@@ -199,12 +192,16 @@ def _jitted(interpret: bool) -> dict:
 
     triton.jit reads TRITON_INTERPRET when it wraps a function, so the variable is set for exactly
     that moment, either way: the process's environment decides neither (a test session can then
-    run the interpreter on the CPU and the real kernels on a GPU), and no import order matters."""
+    run the interpreter on the CPU and the real kernels on a GPU), and no import order matters.
+    Their shared helper is wrapped the same way, and each kernel is built over globals naming that
+    mode's helper (an interpreted kernel cannot call a GPU-wrapped function, nor the reverse)."""
     with _build_lock, _interpret_env(interpret):
+        names = dict(globals(), _tile_rows=triton.jit(_tile_rows))
         # G and the slot strides are not specialized (Triton would for values 1 or multiples of 16):
         # a group of one compiles to the grouped call's code, not only to its arithmetic.
         fixed = {"do_not_specialize": ["G", "stride_qg", "stride_sg"]}
-        kernels = {"int4": triton.jit(_int4_kernel, **fixed), "int8": triton.jit(_int8_kernel, **fixed)}
+        kernels = {kind: triton.jit(types.FunctionType(fn.__code__, names, fn.__name__), **fixed)
+                   for kind, fn in (("int4", _int4_kernel), ("int8", _int8_kernel))}
     if interpret != (type(kernels["int4"]).__name__ == "InterpretedFunction"):
         raise RuntimeError("triton.jit did not follow TRITON_INTERPRET")
     return kernels
